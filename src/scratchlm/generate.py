@@ -1,0 +1,274 @@
+"""Generation: the ONLY sampling code in scratchlm.
+
+`sample_next_token()` turns logits into token ids; `generate()` runs a model over a batch of
+token-id prompts and streams new ids step by step (with the KV cache by default);
+`generate_text()` adds the tokenizer: stop strings, streaming text and timing. The CLI
+(`scratchlm generate`), the server's engine and in-training samples all use these.
+
+Sampling order, the same everywhere (and the same as Hugging Face's):
+repetition penalty -> temperature (0 = greedy) -> top-k -> top-p -> min-p -> sample.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from scratchlm.errors import UserError
+from scratchlm.model import KVCache, Transformer
+
+
+@dataclass
+class SamplingConfig:
+    """How to pick the next token. Validated on construction."""
+
+    temperature: float = 1.0
+    """0 means greedy (argmax); higher flattens the distribution."""
+    top_k: int | None = None
+    """Keep only the k most likely tokens."""
+    top_p: float | None = None
+    """Keep the smallest set of tokens whose probability sums to at least p (nucleus)."""
+    min_p: float | None = None
+    """Drop tokens whose probability is below min_p times the most likely token's."""
+    repetition_penalty: float = 1.0
+    """> 1 discourages tokens already present in the sequence (CTRL-style)."""
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise UserError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise UserError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise UserError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            raise UserError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def sample_next_token(
+    logits: torch.Tensor,
+    cfg: SamplingConfig,
+    generator: torch.Generator | None = None,
+    history: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """logits: (B, V) -> next token ids (B,). history: (B, L) ids already in each sequence,
+    used by the repetition penalty."""
+    logits = logits.float()
+    if cfg.repetition_penalty != 1.0 and history is not None and history.numel():
+        seen = logits.gather(1, history)
+        seen = torch.where(seen > 0, seen / cfg.repetition_penalty, seen * cfg.repetition_penalty)
+        logits = logits.scatter(1, history, seen)
+    if cfg.greedy:
+        return logits.argmax(dim=-1)
+    logits = logits / cfg.temperature
+    if cfg.top_k is not None and cfg.top_k < logits.size(-1):
+        kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p is not None and cfg.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Drop a token when the tokens before it already reach top_p (the first always stays).
+        drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= cfg.top_p
+        drop = drop_sorted.scatter(1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    if cfg.min_p is not None and cfg.min_p > 0:
+        floor = cfg.min_p * probs.max(dim=-1, keepdim=True).values
+        probs = probs.masked_fill(probs < floor, 0.0)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def check_fits(prompt_len: int, max_new_tokens: int, context_length: int) -> None:
+    """A prompt plus the tokens asked for must fit the context: say so plainly if not."""
+    if prompt_len == 0:
+        raise UserError("the prompt is empty: give at least one token of text")
+    if prompt_len + max_new_tokens > context_length:
+        raise UserError(
+            f"prompt of {prompt_len} tokens + max_new_tokens {max_new_tokens} exceeds the model's "
+            f"context of {context_length} tokens; shorten the prompt or ask for fewer tokens"
+        )
+
+
+@torch.inference_mode()
+def generate(
+    model: Transformer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    sampling: SamplingConfig,
+    eot_id: int | None = None,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+) -> Iterator[list[int | None]]:
+    """Yield, per decoding step, one new id per prompt (None once that prompt has finished).
+
+    A prompt finishes at `eot_id` (which is yielded) or after `max_new_tokens` new tokens.
+    With `use_cache`, each prompt is prefilled once and every later step feeds only the newest
+    token; without it, every step re-runs the whole sequence (the baseline the cache must beat).
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    ctx = model.cfg.context_length
+    for p in prompts:
+        check_fits(len(p), max_new_tokens, ctx)
+    B = len(prompts)
+    seqs = [list(p) for p in prompts]
+    done = [False] * B
+    cache = None
+    last_logits: torch.Tensor  # (B, V)
+    if use_cache:
+        longest = max(len(p) for p in prompts) + max_new_tokens
+        dtype = next(model.parameters()).dtype
+        cache = KVCache(model.cfg, B, max_len=longest, device=device, dtype=dtype)
+        if len({len(p) for p in prompts}) == 1:
+            logits, _ = model(torch.tensor(prompts, device=device), cache=cache, last_only=True)
+            last_logits = logits[:, -1]
+        else:  # different lengths: prefill each row on its own, then decode them together
+            rows = []
+            for b, p in enumerate(prompts):
+                logits, _ = model(torch.tensor([p], device=device), cache=cache,
+                                  rows=torch.tensor([b]), last_only=True)
+                rows.append(logits[0, -1])
+            last_logits = torch.stack(rows)
+    else:
+        last_logits = _full_forward_last(model, seqs, device)
+    for _ in range(max_new_tokens):
+        history = _history(seqs, device) if sampling.repetition_penalty != 1.0 else None
+        nxt = sample_next_token(last_logits, sampling, generator, history).tolist()
+        out: list[int | None] = []
+        for b in range(B):
+            if done[b]:
+                out.append(None)
+                continue
+            seqs[b].append(nxt[b])
+            out.append(nxt[b])
+            if (eot_id is not None and nxt[b] == eot_id) or len(seqs[b]) - len(prompts[b]) >= max_new_tokens:
+                done[b] = True
+        yield out
+        if all(done):
+            return
+        if cache is not None:
+            # Finished rows keep decoding a dummy token: cheaper than reshaping the batch.
+            feed = torch.tensor([[s[-1]] for s in seqs], device=device)  # (B, 1)
+            logits, _ = model(feed, cache=cache)
+            last_logits = logits[:, -1]
+        else:
+            last_logits = _full_forward_last(model, seqs, device)
+
+
+def _full_forward_last(model: Transformer, seqs: list[list[int]], device) -> torch.Tensor:
+    """Uncached: run every sequence from its start and keep the last position's logits."""
+    if len({len(s) for s in seqs}) == 1:
+        logits, _ = model(torch.tensor(seqs, device=device), last_only=True)
+        return logits[:, -1]
+    return torch.stack([model(torch.tensor([s], device=device), last_only=True)[0][0, -1] for s in seqs])
+
+
+def _history(seqs: list[list[int]], device) -> torch.Tensor:
+    """(B, L) ids for the repetition penalty; short rows are padded by repeating their first id."""
+    L = max(len(s) for s in seqs)
+    return torch.tensor([s + [s[0]] * (L - len(s)) for s in seqs], device=device)
+
+
+@dataclass
+class Generation:
+    """The result of generating from one prompt."""
+
+    text: str
+    tokens: list[int]
+    prompt_tokens: int
+    new_tokens: int
+    finish_reason: str  # "stop" (end-of-text or a stop string) or "length"
+    prefill_tokens_per_s: float = 0.0
+    decode_tokens_per_s: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def generate_text(
+    model: Transformer,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    sampling: SamplingConfig,
+    stop: list[str] | None = None,
+    seed: int | None = None,
+    use_cache: bool = True,
+    on_text: Callable[[int, str], None] | None = None,
+) -> list[Generation]:
+    """Generate from text prompts; `on_text(i, piece)` streams each prompt's new text as it
+    becomes final (stop strings and incomplete UTF-8 sequences are held back until decided)."""
+    if max_new_tokens < 1:
+        raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    ids = [tokenizer.encode(p) for p in prompts]
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    stop = [s for s in (stop or []) if s]
+    new: list[list[int]] = [[] for _ in prompts]
+    emitted = [0] * len(prompts)  # characters of new text already streamed
+    finished: list[str | None] = [None] * len(prompts)
+    texts = [""] * len(prompts)
+    t0 = time.perf_counter()
+    t_first = None
+    for step_ids in generate(model, ids, max_new_tokens, sampling, tokenizer.eot_id, use_cache, generator):
+        if t_first is None:
+            t_first = time.perf_counter()
+        for b, tok in enumerate(step_ids):
+            if tok is None or finished[b]:
+                continue
+            if tok == tokenizer.eot_id:
+                finished[b] = "stop"
+            else:
+                new[b].append(tok)
+            text = tokenizer.decode(new[b])
+            cut = _find_stop(text, stop)
+            if cut is not None:
+                text, finished[b] = text[:cut], "stop"
+            texts[b] = text
+            final = text if finished[b] else _stable_prefix(text, stop)
+            if on_text is not None and len(final) > emitted[b]:
+                on_text(b, final[emitted[b]:])
+            emitted[b] = max(emitted[b], len(final))
+        if all(finished):
+            break
+    t_end = time.perf_counter()
+    results = []
+    prefill_s = (t_first or t_end) - t0
+    for b in range(len(prompts)):
+        if on_text is not None and len(texts[b]) > emitted[b]:
+            on_text(b, texts[b][emitted[b]:])
+        n_new = len(new[b])
+        decode_s = t_end - (t_first or t_end)
+        results.append(Generation(
+            text=texts[b], tokens=new[b], prompt_tokens=len(ids[b]), new_tokens=n_new,
+            finish_reason=finished[b] or "length",
+            prefill_tokens_per_s=sum(len(i) for i in ids) / prefill_s if prefill_s > 0 else 0.0,
+            decode_tokens_per_s=(n_new - 1) / decode_s if decode_s > 0 and n_new > 1 else 0.0,
+        ))
+    return results
+
+
+def _find_stop(text: str, stop: list[str]) -> int | None:
+    hits = [text.find(s) for s in stop if s in text]
+    return min(hits) if hits else None
+
+
+def _stable_prefix(text: str, stop: list[str]) -> str:
+    """The part of text that can no longer change: hold back a trailing replacement char (an
+    incomplete multi-byte character) and any tail that could still grow into a stop string."""
+    end = len(text)
+    while end and text[end - 1] == "\ufffd":
+        end -= 1
+    for s in stop:
+        for k in range(min(len(s) - 1, end), 0, -1):
+            if text[:end].endswith(s[:k]):
+                end -= k
+                break
+    return text[:end]

@@ -1,0 +1,326 @@
+"""The decoder-only transformer, written from torch primitives, and its KV cache.
+
+One `Transformer` serves two families chosen by `ModelConfig.arch`:
+
+| piece      | gpt2                          | llama                               |
+|------------|-------------------------------|-------------------------------------|
+| norm       | LayerNorm (optional bias)     | RMSNorm                             |
+| positions  | learned absolute embeddings   | rotary (RoPE, rotate-half layout)   |
+| MLP        | GELU (tanh), 4*d              | SwiGLU, ~8/3*d                      |
+| attention  | multi-head                    | grouped-query (n_kv_head <= n_head) |
+
+Attention always goes through `F.scaled_dot_product_attention` and is always causal: without a
+cache `is_causal=True`; with a cache the mask is built here from each row's positions, so no
+caller can make attention see the future. Used by `scratchlm train`, `generate`, `serve`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from scratchlm.config import ModelConfig
+
+
+class KVCache:
+    """Preallocated keys and values for every layer, with a position per batch row.
+
+    Row b holds tokens 0..pos[b]-1. Rows advance independently, which is what continuous
+    batching needs: a server can reset one row for a new request while others keep decoding.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        batch_size: int,
+        max_len: int | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.max_len = max_len or cfg.context_length
+        if self.max_len > cfg.context_length:
+            raise ValueError(f"cache length {self.max_len} > context_length {cfg.context_length}")
+        shape = (batch_size, cfg.n_kv_head, self.max_len, cfg.head_dim)  # (B, nkv, L, hs)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.pos = torch.zeros(batch_size, dtype=torch.long)  # on CPU: read every step
+        self.batch_size = batch_size
+
+    def reset(self, rows: list[int] | None = None) -> None:
+        """Forget rows (all when None); their stale entries are masked out by position."""
+        if rows is None:
+            self.pos.zero_()
+        else:
+            self.pos[rows] = 0
+
+
+class _Step:
+    """Per-forward cache bookkeeping shared by all layers: where to write, what to attend to."""
+
+    def __init__(self, cache: KVCache, rows: torch.Tensor | None, T: int) -> None:
+        self.cache = cache
+        pos = cache.pos if rows is None else cache.pos[rows]
+        start = int(pos[0])
+        self.uniform = rows is None and bool((pos == start).all())
+        self.positions = pos[:, None] + torch.arange(T)  # (B, T)
+        self.length = int(self.positions.max()) + 1  # keys to attend over
+        if self.length > cache.max_len:
+            raise ValueError(f"sequence of {self.length} tokens exceeds cache length {cache.max_len}")
+        self.rows = rows
+        self.start, self.T = start, T
+        device = cache.k[0].device
+        if self.uniform and (T == 1 or start == 0):
+            self.mask = None  # one new token sees everything before it; a prefill from 0 is plain causal
+        else:
+            keys = torch.arange(self.length)
+            self.mask = (keys[None, None, :] <= self.positions[:, :, None]).unsqueeze(1).to(device)
+        self.positions = self.positions.to(device)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's (B, nkv, T, hs) keys/values; return the keys/values to attend to."""
+        ck, cv = self.cache.k[layer], self.cache.v[layer]
+        B = k.shape[0]
+        if self.uniform:
+            end = self.start + self.T
+            ck[:B, :, self.start : end] = k
+            cv[:B, :, self.start : end] = v
+            return ck[:B, :, :end], cv[:B, :, :end]
+        rows = torch.arange(B) if self.rows is None else self.rows
+        rows = rows.to(ck.device)
+        ck[rows[:, None], :, self.positions] = k.transpose(1, 2)  # (B, T, nkv, hs)
+        cv[rows[:, None], :, self.positions] = v.transpose(1, 2)
+        return ck[rows, :, : self.length], cv[rows, :, : self.length]
+
+    def causal(self) -> bool:
+        return self.uniform and self.start == 0 and self.T > 1
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 (as the llama reference does) so bf16 activations keep precision.
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.arch == "llama":
+        return RMSNorm(cfg.d_model, cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape (context_length, head_dim) in the rotate-half layout."""
+    hs = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hs, 2, dtype=torch.float32) / hs))
+    angles = torch.outer(torch.arange(cfg.context_length, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)  # (T, hs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, nh, T, hs); cos/sin: (B or 1, 1, T, hs)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        # One fused projection for q, k and v: one matmul instead of three.
+        qkv_out = (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, qkv_out, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.dropout = cfg.dropout
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        step: _Step | None,
+        layer: int,
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.qkv(x).split([nh * hs, nkv * hs, nkv * hs], dim=-1)
+        q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        gqa = nkv != nh
+        if step is None:
+            y = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
+                enable_gqa=gqa,
+            )  # (B, nh, T, hs)
+        else:
+            k, v = step.update(layer, k, v)  # (B, nkv, S, hs)
+            y = F.scaled_dot_product_attention(
+                q, k.to(q.dtype), v.to(q.dtype), attn_mask=step.mask, is_causal=step.causal(),
+                enable_gqa=gqa,
+            )
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_drop(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.swiglu = cfg.arch == "llama"
+        # SwiGLU's gate and up projections are fused into one matmul.
+        up_out = 2 * cfg.d_ff if self.swiglu else cfg.d_ff
+        self.up = nn.Linear(cfg.d_model, up_out, bias=cfg.bias)
+        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)  # (B, T, d_ff or 2*d_ff)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.drop(self.down(h))  # (B, T, C)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm1 = make_norm(cfg)
+        self.attn = Attention(cfg)
+        self.norm2 = make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, rope, step, layer):  # (B, T, C) -> (B, T, C)
+        x = x + self.attn(self.norm1(x), rope, step, layer)
+        return x + self.mlp(self.norm2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.vocab_size < 1:
+            raise ValueError("ModelConfig.vocab_size must be set (train sets it from the data)")
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.d_model) if cfg.arch == "gpt2" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        if cfg.arch == "llama":
+            cos, sin = rope_tables(cfg)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """All initialisation lives here.
+
+        | parameter                                  | init                           |
+        |--------------------------------------------|--------------------------------|
+        | token and position embeddings              | normal(0, 0.02)                |
+        | linear weights (qkv, MLP up, untied head)  | normal(0, 0.02)                |
+        | residual outputs (attn.proj, mlp.down)     | normal(0, 0.02 / sqrt(2 * n_layer)) |
+        | linear biases                              | 0                              |
+        | norm weights / biases                      | 1 / 0                          |
+
+        The scaled residual init keeps the residual stream's variance from growing with depth
+        (GPT-2 paper, section 2.3).
+        """
+        std = 0.02
+        resid_std = std / math.sqrt(2 * self.cfg.n_layer)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_resid = name.endswith("attn.proj") or name.endswith("mlp.down")
+                nn.init.normal_(module.weight, mean=0.0, std=resid_std if is_resid else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, (nn.LayerNorm, RMSNorm)):
+                nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        if self.cfg.tie_embeddings:  # the loop above re-initialised the shared matrix as Linear
+            nn.init.normal_(self.tok_emb.weight, mean=0.0, std=std)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        rows: torch.Tensor | None = None,
+        last_only: bool = False,
+        reduction: str = "mean",
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx: (B, T) token ids -> logits (B, T, V) (or (B, 1, V) with last_only) and loss.
+
+        targets: (B, T) ids, -100 where no loss is wanted; `reduction="sum"` lets the trainer
+        normalise by the token count of a whole accumulated batch.
+        cache/rows: decode against `cache`; `rows` picks which cache rows idx's rows are
+        (default: rows 0..B-1). Positions continue from each row's `cache.pos`, which advances.
+        """
+        B, T = idx.shape
+        step = _Step(cache, rows, T) if cache is not None else None
+        if step is None:
+            if T > self.cfg.context_length:
+                raise ValueError(f"sequence of {T} tokens > context_length {self.cfg.context_length}")
+            positions = torch.arange(T, device=idx.device)[None, :]  # (1, T)
+        else:
+            positions = step.positions  # (B, T)
+        x = self.tok_emb(idx)  # (B, T, C)
+        rope = None
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(positions)  # (B, T, C)
+        else:
+            rope = (self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1))
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, step, i)
+        x = self.norm_f(x)
+        if cache is not None:
+            if rows is None:
+                cache.pos[:B] += T
+            else:
+                cache.pos[rows] += T
+        if last_only:
+            x = x[:, -1:, :]
+        logits = self.lm_head(x)  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(
+                logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                ignore_index=-100, reduction=reduction,
+            )
+        return logits, loss
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; without embeddings by default (the convention for FLOP counts)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.tok_emb.weight.numel() if not self.cfg.tie_embeddings else 0
+            if self.pos_emb is not None:
+                n -= self.pos_emb.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token: 6*N for the weights plus 12*L*d*T for attention scores
+        (PaLM appendix B); the forward pass alone is a third of this."""
+        T = seq_len or self.cfg.context_length
+        c = self.cfg
+        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.d_model * T
