@@ -219,7 +219,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
     # The character-level tinyshakespeare benchmark configuration (REFERENCE_FIGURES.md).
     "shakespeare-char": {
-        "model": {"n_layer": 4, "n_head": 4, "d_model": 128, "context_length": 64, "dropout": 0.0},
+        "model": {"n_layer": 4, "n_head": 4, "d_model": 128, "context_length": 64, "dropout": 0.0,
+                  "bias": False},
         "train": {
             "batch_size": 12,
             "max_steps": 2000,
@@ -233,9 +234,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "eval_steps": 20,
         },
     },
-    # The 10.65M-parameter shakespeare model (6 layers, 6 heads, 384 wide, context 256).
+    # The 10.65M-parameter shakespeare model (6 layers, 6 heads, 384 wide, context 256, no biases).
     "small": {
-        "model": {"n_layer": 6, "n_head": 6, "d_model": 384, "context_length": 256, "dropout": 0.2},
+        "model": {"n_layer": 6, "n_head": 6, "d_model": 384, "context_length": 256, "dropout": 0.2,
+                  "bias": False},
         "train": {
             "batch_size": 64,
             "max_steps": 5000,
