@@ -183,6 +183,8 @@ class TrainConfig:
             raise UserError(
                 f"train.warmup_steps ({self.warmup_steps}) must be in [0, max_steps={self.max_steps}]"
             )
+        if not 0.0 < self.gamma <= 1.0:
+            raise UserError(f"train.gamma must be in (0, 1], got {self.gamma}")
         for name in ("decay_fraction", "pct_start"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise UserError(f"train.{name} must be in (0, 1], got {getattr(self, name)}")
