@@ -1,0 +1,739 @@
+"""Export a run to Hugging Face `transformers` or llama.cpp's GGUF; import a Hugging Face model.
+
+Driven by `scratchlm export RUN_DIR --format hf|gguf --out PATH` (`export_hf`, `export_gguf`) and
+`scratchlm import-hf PATH --out RUN_DIR` (`import_hf`). docs/export.md has the full name tables.
+
+Both families map one-to-one onto an architecture the ecosystem already runs, with no custom code:
+
+| ours               | gpt2 -> `GPT2LMHeadModel`         | llama -> `LlamaForCausalLM`          |
+|--------------------|-----------------------------------|--------------------------------------|
+| `attn.qkv` (fused) | `attn.c_attn` (Conv1D: W^T)       | split: `q_proj`, `k_proj`, `v_proj`  |
+| `mlp.up` (fused)   | `mlp.c_fc` (Conv1D: W^T)          | split: `gate_proj`, `up_proj`        |
+| bias = false       | zero biases (GPT-2 always has them) | `attention_bias`, `mlp_bias` false |
+
+GGUF takes the Hugging Face tensors through llama.cpp's own rules (`gguf.constants` names, Conv1D
+transposed back, llama q/k rows permuted to llama.cpp's interleaved RoPE layout), so a GGUF file
+from here equals what `convert_hf_to_gguf.py` would make from our Hugging Face export, in F32.
+
+Every output is written under a temporary name next to its destination and renamed into place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scratchlm.checkpoint import load_run, model_state, write_run
+from scratchlm.config import ModelConfig, RunConfig
+from scratchlm.errors import UserError
+from scratchlm.model import Transformer
+from scratchlm.tokenizer import EOT, PAD, SPECIAL_TOKENS, Tokenizer
+
+HF_ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+# Files export_hf writes: an existing directory holding only these is a previous export and may
+# be replaced; anything else in it is the user's and stops the export.
+HF_FILES = (
+    "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+    "tokenizer_config.json", "special_tokens_map.json",
+)
+
+
+# --- Hugging Face export ---------------------------------------------------------------------
+
+
+def export_hf(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write a `transformers` model directory for the run's latest weights.
+
+    Args:
+        run_dir: a scratchlm run directory (`scratchlm train` or `import-hf` output).
+        out: the directory to create (or a previous export to replace).
+    Returns:
+        `out` as a Path; it holds config.json, generation_config.json, model.safetensors,
+        tokenizer.json, tokenizer_config.json and special_tokens_map.json.
+    Example:
+        >>> path = export_hf("runs/tiny", "exports/tiny-hf")          # doctest: +SKIP
+        >>> AutoModelForCausalLM.from_pretrained(path)                 # doctest: +SKIP
+    """
+    from safetensors.torch import save_file
+
+    model, tokenizer, cfg = load_run(run_dir)
+    out = Path(out)
+    _check_dir_target(out, HF_FILES, "export")
+    state = to_hf_state(model_state(model), cfg.model)
+    files = {
+        "config.json": hf_config(cfg.model, tokenizer),
+        "generation_config.json": {
+            "bos_token_id": tokenizer.eot_id,
+            "eos_token_id": tokenizer.eot_id,
+            "pad_token_id": tokenizer.pad_id,
+        },
+        "tokenizer_config.json": _hf_tokenizer_config(tokenizer, cfg.model.context_length),
+        "special_tokens_map.json": {"bos_token": EOT, "eos_token": EOT, "pad_token": PAD},
+    }
+    with _staged_dir(out) as tmp:
+        for name, obj in files.items():
+            text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+            (tmp / name).write_text(text, encoding="utf-8")
+        shutil.copyfile(Path(run_dir) / "tokenizer.json", tmp / "tokenizer.json")
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def hf_config(mc: ModelConfig, tokenizer: Tokenizer) -> dict[str, Any]:
+    """config.json of the Hugging Face model equivalent to `mc` (written without transformers)."""
+    common = {
+        "architectures": [HF_ARCHITECTURES[mc.arch]],
+        "vocab_size": mc.vocab_size,
+        "bos_token_id": tokenizer.eot_id,
+        "eos_token_id": tokenizer.eot_id,
+        "pad_token_id": tokenizer.pad_id,
+        "tie_word_embeddings": mc.tie_embeddings,
+        "torch_dtype": "float32",
+        "use_cache": True,
+    }
+    if mc.arch == "gpt2":
+        return {
+            "model_type": "gpt2",
+            **common,
+            "n_embd": mc.d_model,
+            "n_layer": mc.n_layer,
+            "n_head": mc.n_head,
+            "n_inner": mc.d_ff,
+            "n_positions": mc.context_length,
+            "n_ctx": mc.context_length,
+            "layer_norm_epsilon": mc.norm_eps,
+            "activation_function": "gelu_new",  # GELU with the tanh approximation, as ours
+            "resid_pdrop": mc.dropout,
+            "embd_pdrop": mc.dropout,
+            "attn_pdrop": mc.dropout,
+            "scale_attn_weights": True,
+            "scale_attn_by_inverse_layer_idx": False,
+            "reorder_and_upcast_attn": False,
+            "initializer_range": 0.02,
+        }
+    return {
+        "model_type": "llama",
+        **common,
+        "hidden_size": mc.d_model,
+        "intermediate_size": mc.d_ff,
+        "num_hidden_layers": mc.n_layer,
+        "num_attention_heads": mc.n_head,
+        "num_key_value_heads": mc.n_kv_head,
+        "head_dim": mc.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": mc.context_length,
+        "rms_norm_eps": mc.norm_eps,
+        # transformers < 5 reads rope_theta; >= 5 reads rope_parameters.
+        "rope_theta": mc.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": mc.rope_theta},
+        "rope_scaling": None,
+        "attention_bias": mc.bias,
+        "mlp_bias": mc.bias,
+        "attention_dropout": mc.dropout,
+        "pretraining_tp": 1,
+        "initializer_range": 0.02,
+    }
+
+
+def _hf_tokenizer_config(tokenizer: Tokenizer, context_length: int) -> dict[str, Any]:
+    # PreTrainedTokenizerFast reads tokenizer.json as is: no BOS/EOS is added, like ours.
+    added = {
+        str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                 "single_word": False, "special": True}
+        for t, i in ((EOT, tokenizer.eot_id), (PAD, tokenizer.pad_id))
+    }
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": EOT,
+        "eos_token": EOT,
+        "pad_token": PAD,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "added_tokens_decoder": added,
+        "clean_up_tokenization_spaces": False,
+        # A literal "<|endoftext|>" in text is text, as in scratchlm's Tokenizer.
+        "split_special_tokens": True,
+        "model_max_length": context_length,
+    }
+
+
+def to_hf_state(state: dict[str, torch.Tensor], mc: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our tensors (as `checkpoint.model_state` gives them) -> Hugging Face names and layouts."""
+    out: dict[str, torch.Tensor] = {}
+
+    def get(name: str, size: int | None = None) -> torch.Tensor:
+        """state[name]; a bias of `size` zeros if absent (HF's GPT-2 always has biases)."""
+        if name in state or size is None:
+            return state[name]
+        return torch.zeros(size, dtype=state["tok_emb.weight"].dtype)
+
+    if mc.arch == "gpt2":
+        d, ff = mc.d_model, mc.d_ff
+        out["transformer.wte.weight"] = get("tok_emb.weight")
+        out["transformer.wpe.weight"] = get("pos_emb.weight")
+        for i in range(mc.n_layer):
+            o, h = f"blocks.{i}.", f"transformer.h.{i}."
+            for ours, theirs, n in (("norm1", "ln_1", d), ("norm2", "ln_2", d)):
+                out[f"{h}{theirs}.weight"] = get(f"{o}{ours}.weight")
+                out[f"{h}{theirs}.bias"] = get(f"{o}{ours}.bias", n)
+            # Conv1D stores (in, out): the transpose of nn.Linear's (out, in).
+            for ours, theirs, n in (("attn.qkv", "attn.c_attn", 3 * d),
+                                    ("attn.proj", "attn.c_proj", d),
+                                    ("mlp.up", "mlp.c_fc", ff), ("mlp.down", "mlp.c_proj", d)):
+                out[f"{h}{theirs}.weight"] = get(f"{o}{ours}.weight").t()
+                out[f"{h}{theirs}.bias"] = get(f"{o}{ours}.bias", n)
+        out["transformer.ln_f.weight"] = get("norm_f.weight")
+        out["transformer.ln_f.bias"] = get("norm_f.bias", d)
+    else:
+        q, kv = mc.n_head * mc.head_dim, mc.n_kv_head * mc.head_dim
+        out["model.embed_tokens.weight"] = get("tok_emb.weight")
+        for i in range(mc.n_layer):
+            o, h = f"blocks.{i}.", f"model.layers.{i}."
+            out[f"{h}input_layernorm.weight"] = get(f"{o}norm1.weight")
+            out[f"{h}post_attention_layernorm.weight"] = get(f"{o}norm2.weight")
+            suffixes = ("weight", "bias") if mc.bias else ("weight",)
+            for s in suffixes:
+                qw, kw, vw = get(f"{o}attn.qkv.{s}").split([q, kv, kv], dim=0)
+                out[f"{h}self_attn.q_proj.{s}"] = qw
+                out[f"{h}self_attn.k_proj.{s}"] = kw
+                out[f"{h}self_attn.v_proj.{s}"] = vw
+                out[f"{h}self_attn.o_proj.{s}"] = get(f"{o}attn.proj.{s}")
+                gate, up = get(f"{o}mlp.up.{s}").chunk(2, dim=0)
+                out[f"{h}mlp.gate_proj.{s}"] = gate
+                out[f"{h}mlp.up_proj.{s}"] = up
+                out[f"{h}mlp.down_proj.{s}"] = get(f"{o}mlp.down.{s}")
+        out["model.norm.weight"] = get("norm_f.weight")
+    if not mc.tie_embeddings:
+        out["lm_head.weight"] = get("lm_head.weight")
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+# --- GGUF export ------------------------------------------------------------------------------
+
+
+def export_gguf(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write a llama.cpp GGUF file (all tensors F32) with the tokenizer embedded.
+
+    Args:
+        run_dir: a scratchlm run directory.
+        out: the .gguf file to write (replaced if it exists).
+    Returns:
+        `out` as a Path.
+    Example:
+        >>> export_gguf("runs/tiny", "tiny.gguf")  # then: llama-cli -m tiny.gguf  # doctest: +SKIP
+    """
+    gguf = _import_gguf()
+    model, tokenizer, cfg = load_run(run_dir)
+    mc = cfg.model
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(
+            f"--out {out} is a directory; give a file path such as {out / 'model.gguf'}")
+    arch = gguf.MODEL_ARCH.LLAMA if mc.arch == "llama" else gguf.MODEL_ARCH.GPT2
+    tensors = gguf_tensors(to_hf_state(model_state(model), mc), mc)
+
+    def write(tmp: str) -> None:
+        w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
+        w.add_name(Path(run_dir).resolve().name)
+        w.add_file_type(gguf.LlamaFileType.ALL_F32)
+        w.add_vocab_size(mc.vocab_size)
+        w.add_context_length(mc.context_length)
+        w.add_embedding_length(mc.d_model)
+        w.add_block_count(mc.n_layer)
+        w.add_feed_forward_length(mc.d_ff)
+        w.add_head_count(mc.n_head)
+        w.add_head_count_kv(mc.n_kv_head)
+        if mc.arch == "llama":
+            w.add_rope_dimension_count(mc.head_dim)
+            w.add_rope_freq_base(mc.rope_theta)
+            w.add_layer_norm_rms_eps(mc.norm_eps)
+        else:
+            w.add_layer_norm_eps(mc.norm_eps)
+        _add_gguf_tokenizer(w, gguf, tokenizer, mc.vocab_size)
+        for name, t in tensors.items():
+            w.add_tensor(name, t.float().numpy())
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+    _atomic_file(out, write)
+    return out
+
+
+def gguf_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Rows of a q/k projection (or bias) from the rotate-half RoPE layout to llama.cpp's
+    interleaved one: within each head, rows [0..hs/2) and [hs/2..hs) are interleaved.
+
+    The same reshape as `LlamaModel.permute` in llama.cpp's convert_hf_to_gguf.py (called
+    with n_head for q and n_kv_head for k).
+    """
+    hs = w.shape[0] // n_head
+    return w.reshape(n_head, 2, hs // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """The inverse of `gguf_permute`."""
+    hs = w.shape[0] // n_head
+    return w.reshape(n_head, hs // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_tensors(hf: dict[str, torch.Tensor], mc: ModelConfig) -> dict[str, torch.Tensor]:
+    """Hugging Face tensors (`to_hf_state`) -> GGUF names (`gguf.constants`) and layouts."""
+    gguf = _import_gguf()
+    T = gguf.MODEL_TENSOR
+
+    def name(kind: Any, suffix: str, bid: int | None = None) -> str:
+        base = gguf.TENSOR_NAMES[kind]
+        return (base.format(bid=bid) if bid is not None else base) + f".{suffix}"
+
+    out: dict[str, torch.Tensor] = {}
+    if mc.arch == "gpt2":
+        out[name(T.TOKEN_EMBD, "weight")] = hf["transformer.wte.weight"]
+        out[name(T.POS_EMBD, "weight")] = hf["transformer.wpe.weight"]
+        table = (("ln_1", T.ATTN_NORM, False), ("attn.c_attn", T.ATTN_QKV, True),
+                 ("attn.c_proj", T.ATTN_OUT, True), ("ln_2", T.FFN_NORM, False),
+                 ("mlp.c_fc", T.FFN_UP, True), ("mlp.c_proj", T.FFN_DOWN, True))
+        for i in range(mc.n_layer):
+            for theirs, kind, conv1d in table:
+                w = hf[f"transformer.h.{i}.{theirs}.weight"]
+                out[name(kind, "weight", i)] = w.t() if conv1d else w  # back to (out, in)
+                out[name(kind, "bias", i)] = hf[f"transformer.h.{i}.{theirs}.bias"]
+        out[name(T.OUTPUT_NORM, "weight")] = hf["transformer.ln_f.weight"]
+        out[name(T.OUTPUT_NORM, "bias")] = hf["transformer.ln_f.bias"]
+    else:
+        out[name(T.TOKEN_EMBD, "weight")] = hf["model.embed_tokens.weight"]
+        table = (("input_layernorm", T.ATTN_NORM), ("self_attn.q_proj", T.ATTN_Q),
+                 ("self_attn.k_proj", T.ATTN_K), ("self_attn.v_proj", T.ATTN_V),
+                 ("self_attn.o_proj", T.ATTN_OUT), ("post_attention_layernorm", T.FFN_NORM),
+                 ("mlp.gate_proj", T.FFN_GATE), ("mlp.up_proj", T.FFN_UP),
+                 ("mlp.down_proj", T.FFN_DOWN))
+        for i in range(mc.n_layer):
+            for theirs, kind in table:
+                for suffix in ("weight", "bias"):
+                    key = f"model.layers.{i}.{theirs}.{suffix}"
+                    if key not in hf:
+                        continue
+                    t = hf[key]
+                    if kind == T.ATTN_Q:
+                        t = gguf_permute(t, mc.n_head)
+                    elif kind == T.ATTN_K:
+                        t = gguf_permute(t, mc.n_kv_head)
+                    out[name(kind, suffix, i)] = t
+        out[name(T.OUTPUT_NORM, "weight")] = hf["model.norm.weight"]
+    if "lm_head.weight" in hf:  # untied; llama.cpp reuses token_embd when `output` is absent
+        out[name(T.OUTPUT, "weight")] = hf["lm_head.weight"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def _add_gguf_tokenizer(w: Any, gguf: Any, tokenizer: Tokenizer, vocab_size: int) -> None:
+    """Embed the tokenizer as llama.cpp's "gpt2" (byte-level BPE) vocabulary.
+
+    bpe: the tokens and merges of tokenizer.json as they are, with the GPT-2 pre-tokenizer.
+    char: each character becomes the byte-level token of its UTF-8 bytes, and merges are added
+    that assemble each multi-byte character from its bytes (they only ever join a UTF-8 lead
+    byte with its own continuation bytes, so they never cross characters). Encoding text made of
+    known characters then gives the same ids as scratchlm; llama.cpp drops characters the
+    tokenizer never saw, where scratchlm refuses them.
+    """
+    vocab = tokenizer.hf.get_vocab(with_added_tokens=True)
+    by_id = {i: t for t, i in vocab.items()}
+    specials = {tokenizer.eot_id, tokenizer.pad_id}
+    spec = json.loads(tokenizer.to_str())
+    byte_sym = _bytes_to_unicode()
+    tokens: list[str] = []
+    types: list[int] = []
+    merges: list[str] = []
+    seen_merges: set[str] = set()
+    for i in range(vocab_size):
+        t = by_id.get(i)
+        if t is None:  # the model has more rows than the tokenizer has ids
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        if i in specials:
+            tokens.append(t)
+            types.append(gguf.TokenType.CONTROL)
+            continue
+        if tokenizer.kind == "char":
+            data = t.encode("utf-8")
+            syms = [byte_sym[b] for b in data]
+            for k in range(1, len(syms)):
+                m = f"{''.join(syms[:k])} {syms[k]}"
+                if m not in seen_merges:
+                    seen_merges.add(m)
+                    merges.append(m)
+            t = "".join(syms)
+        tokens.append(t)
+        types.append(gguf.TokenType.NORMAL)
+    if tokenizer.kind == "bpe":
+        merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")  # the GPT-2 split regex, which byte-level BPE here uses
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(tokenizer.eot_id)  # as GPT-2: <|endoftext|> is bos and eos
+    w.add_eos_token_id(tokenizer.eot_id)
+    w.add_pad_token_id(tokenizer.pad_id)
+    w.add_add_bos_token(False)
+    w.add_add_eos_token(False)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (what byte-level BPE tokens are made of)."""
+    printable = (("!", "~"), ("¡", "¬"), ("®", "ÿ"))
+    bs = [b for lo, hi in printable for b in range(ord(lo), ord(hi) + 1)]
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def _import_gguf() -> Any:
+    try:
+        import gguf
+    except ImportError:
+        raise UserError(
+            "GGUF export needs the gguf package: pip install 'scratchlm[export]'") from None
+    return gguf
+
+
+# --- Hugging Face import ----------------------------------------------------------------------
+
+
+def import_hf(path: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Make a scratchlm run directory from a local Hugging Face GPT-2 or Llama model directory.
+
+    Args:
+        path: a directory with config.json, tokenizer.json and model.safetensors (or
+            pytorch_model.bin, or sharded versions of either with their index file).
+        out: the run directory to create (must not exist, or be empty).
+    Returns:
+        `out` as a Path; `scratchlm generate`, `eval`, `serve`, `export` and fine-tuning read it.
+    Example:
+        >>> import_hf("hf/my-gpt2", "runs/my-gpt2")        # doctest: +SKIP
+    """
+    src = Path(path)
+    if not src.is_dir():
+        raise UserError(f"Hugging Face model directory not found: {src}")
+    cfg_path = src / "config.json"
+    if not cfg_path.is_file():
+        raise UserError(f"{src} has no config.json: not a Hugging Face model directory")
+    try:
+        hf_cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{cfg_path} is not valid JSON: {e}") from None
+    if not isinstance(hf_cfg, dict):
+        raise UserError(f"{cfg_path} is not a Hugging Face model config")
+    tok_path = src / "tokenizer.json"
+    if not tok_path.is_file():
+        raise UserError(f"{src} has no tokenizer.json (a fast tokenizer file); save the tokenizer "
+                        "with transformers' save_pretrained to create one")
+    out = Path(out)
+    _check_dir_target(out, (), "import")
+    mc = model_config_from_hf(hf_cfg)
+    tok_text, extra_rows = _scratchlm_tokenizer_text(tok_path, mc.vocab_size)
+    state = from_hf_state(_read_hf_weights(src), mc)
+    if extra_rows:  # special tokens appended to the tokenizer need embedding rows
+        mc = dataclasses.replace(mc, vocab_size=mc.vocab_size + extra_rows)
+        state = _grow_vocab(state, extra_rows, mc.tie_embeddings)
+    model = Transformer(mc)
+    if mc.tie_embeddings:
+        state["lm_head.weight"] = state["tok_emb.weight"]
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise UserError(f"weights in {src} do not match its config.json: {first}") from None
+    source = {"imported_from": {"path": str(src.resolve()),
+                                "architecture": HF_ARCHITECTURES[mc.arch]}}
+    with _staged_dir(out) as tmp:
+        (tmp / ".tokenizer.json").write_text(tok_text, encoding="utf-8")
+        write_run(tmp, model, RunConfig(model=mc), tmp / ".tokenizer.json", extra=source)
+        (tmp / ".tokenizer.json").unlink()
+    return out
+
+
+# HF config keys that mean something our model cannot represent, with the values we accept.
+_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "rope_scaling": (None,), "sliding_window": (None,), "use_sliding_window": (None, False),
+    "num_local_experts": (None, 0, 1), "num_experts": (None, 0, 1),
+    "partial_rotary_factor": (None, 1.0), "add_cross_attention": (None, False),
+    "scale_attn_by_inverse_layer_idx": (None, False),
+}
+
+
+def model_config_from_hf(h: dict[str, Any]) -> ModelConfig:
+    """ModelConfig for a Hugging Face config.json dict; what we cannot represent is a UserError."""
+    model_type = h.get("model_type")
+    archs = h.get("architectures") or [HF_ARCHITECTURES.get(model_type, model_type)]
+    arch = archs[0]
+    if arch not in HF_ARCHITECTURES.values() or len(archs) != 1:
+        raise UserError(
+            f"unsupported architecture {arch or h.get('model_type')!r}: import-hf reads "
+            f"{' and '.join(HF_ARCHITECTURES.values())} checkpoints"
+        )
+    for key, accepted in _UNSUPPORTED.items():
+        if h.get(key) not in accepted:
+            raise UserError(
+                f"unsupported {arch} option {key}={h[key]!r}; scratchlm has no equivalent")
+    if arch == "GPT2LMHeadModel":
+        act = h.get("activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise UserError(f"unsupported GPT-2 activation_function {act!r}; "
+                            "scratchlm's is gelu_new (tanh GELU)")
+        d = h.get("n_embd", 768)
+        return _model_config(
+            arch="gpt2", vocab_size=h.get("vocab_size", 50257), n_layer=h.get("n_layer", 12),
+            n_head=h.get("n_head", 12), d_model=d, d_ff=h.get("n_inner") or 4 * d,
+            context_length=h.get("n_positions", 1024), dropout=h.get("resid_pdrop", 0.0), bias=True,
+            tie_embeddings=h.get("tie_word_embeddings", True),
+            norm_eps=h.get("layer_norm_epsilon", 1e-5),
+        )
+    rope = h.get("rope_parameters") or {}
+    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise UserError(f"unsupported rope_parameters {rope!r}; scratchlm has plain RoPE only")
+    if h.get("hidden_act", "silu") != "silu":
+        raise UserError(f"unsupported hidden_act {h['hidden_act']!r}; "
+                        "scratchlm's llama MLP is SwiGLU (silu)")
+    bias = bool(h.get("attention_bias", False))
+    if bias != bool(h.get("mlp_bias", False)):
+        raise UserError(
+            "unsupported: attention_bias and mlp_bias differ; scratchlm has one bias setting")
+    d, n_head = h.get("hidden_size", 4096), h.get("num_attention_heads", 32)
+    if h.get("head_dim") not in (None, d // n_head):
+        raise UserError(
+            f"unsupported head_dim {h['head_dim']} != hidden_size / num_attention_heads")
+    theta = rope.get("rope_theta") if isinstance(rope, dict) else None
+    return _model_config(
+        arch="llama", vocab_size=h.get("vocab_size", 32000), n_layer=h.get("num_hidden_layers", 32),
+        n_head=n_head, n_kv_head=h.get("num_key_value_heads") or n_head, d_model=d,
+        d_ff=h.get("intermediate_size", 11008),
+        context_length=h.get("max_position_embeddings", 2048),
+        dropout=h.get("attention_dropout", 0.0), bias=bias,
+        tie_embeddings=h.get("tie_word_embeddings", False), norm_eps=h.get("rms_norm_eps", 1e-6),
+        rope_theta=theta or h.get("rope_theta", 10000.0),
+    )
+
+
+def _model_config(**kw: Any) -> ModelConfig:
+    for k in ("dropout", "norm_eps", "rope_theta"):
+        if k in kw:
+            kw[k] = float(kw[k])
+    return ModelConfig(**kw)
+
+
+def from_hf_state(hf: dict[str, torch.Tensor], mc: ModelConfig) -> dict[str, torch.Tensor]:
+    """Hugging Face tensors -> our names and layouts (fp32); the inverse of `to_hf_state`."""
+    hf = dict(hf)
+    used: set[str] = set()
+
+    def take(key: str) -> torch.Tensor:
+        if key not in hf:
+            raise UserError(
+                f"the checkpoint has no tensor {key}; it does not match its config.json")
+        used.add(key)
+        return hf[key].float()
+
+    out: dict[str, torch.Tensor] = {}
+    if mc.arch == "gpt2":
+        out["tok_emb.weight"] = take("transformer.wte.weight")
+        out["pos_emb.weight"] = take("transformer.wpe.weight")
+        for i in range(mc.n_layer):
+            o, h = f"blocks.{i}.", f"transformer.h.{i}."
+            for ours, theirs in (("norm1", "ln_1"), ("norm2", "ln_2")):
+                out[f"{o}{ours}.weight"] = take(f"{h}{theirs}.weight")
+                out[f"{o}{ours}.bias"] = take(f"{h}{theirs}.bias")
+            for ours, theirs in (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"),
+                                 ("mlp.up", "mlp.c_fc"), ("mlp.down", "mlp.c_proj")):
+                out[f"{o}{ours}.weight"] = take(f"{h}{theirs}.weight").t()
+                out[f"{o}{ours}.bias"] = take(f"{h}{theirs}.bias")
+        out["norm_f.weight"] = take("transformer.ln_f.weight")
+        out["norm_f.bias"] = take("transformer.ln_f.bias")
+    else:
+        out["tok_emb.weight"] = take("model.embed_tokens.weight")
+        for i in range(mc.n_layer):
+            o, h = f"blocks.{i}.", f"model.layers.{i}."
+            out[f"{o}norm1.weight"] = take(f"{h}input_layernorm.weight")
+            out[f"{o}norm2.weight"] = take(f"{h}post_attention_layernorm.weight")
+            for s in ("weight", "bias") if mc.bias else ("weight",):
+                out[f"{o}attn.qkv.{s}"] = torch.cat(
+                    [take(f"{h}self_attn.{p}_proj.{s}") for p in ("q", "k", "v")], dim=0)
+                out[f"{o}attn.proj.{s}"] = take(f"{h}self_attn.o_proj.{s}")
+                out[f"{o}mlp.up.{s}"] = torch.cat(
+                    [take(f"{h}mlp.gate_proj.{s}"), take(f"{h}mlp.up_proj.{s}")], dim=0)
+                out[f"{o}mlp.down.{s}"] = take(f"{h}mlp.down_proj.{s}")
+        out["norm_f.weight"] = take("model.norm.weight")
+    if not mc.tie_embeddings:
+        out["lm_head.weight"] = take("lm_head.weight")
+    # Buffers some versions saved, and a tied head saved twice, carry no information of their own.
+    ignorable = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq", "lm_head.weight")
+    extra = sorted(k for k in hf if k not in used and not k.endswith(ignorable))
+    if extra:
+        raise UserError(f"the checkpoint has tensor {extra[0]}"
+                        f"{f' and {len(extra) - 1} more' if len(extra) > 1 else ''} that a plain "
+                        f"{HF_ARCHITECTURES[mc.arch]} does not have; it is not supported")
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def _read_hf_weights(src: Path) -> dict[str, torch.Tensor]:
+    """All tensors of model.safetensors or pytorch_model.bin, one file or shards with an index."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    def load_bin(p: Path) -> dict[str, torch.Tensor]:
+        return torch.load(p, map_location="cpu", weights_only=True)
+
+    def load_st(p: Path) -> dict[str, torch.Tensor]:
+        return load_file(str(p))
+
+    loaders: tuple[tuple[str, Callable[[Path], dict[str, torch.Tensor]]], ...] = (
+        ("model.safetensors", load_st), ("pytorch_model.bin", load_bin))
+    for name, load in loaders:
+        files: list[Path] = []
+        if (src / name).is_file():
+            files = [src / name]
+        elif (src / f"{name}.index.json").is_file():
+            index = src / f"{name}.index.json"
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+                raise UserError(f"{index} is not a valid weight index: {e}") from None
+            files = [src / f for f in sorted(set(weight_map.values()))]
+        if not files:
+            continue
+        state: dict[str, torch.Tensor] = {}
+        for f in files:
+            try:
+                state.update(load(f))
+            except (SafetensorError, OSError, RuntimeError, EOFError) as e:
+                first = (str(e).splitlines() or [type(e).__name__])[0]
+                raise UserError(f"cannot read weights {f}: {first}") from None
+        return state
+    raise UserError(f"{src} has no model.safetensors or pytorch_model.bin weights "
+                    "(other formats such as TensorFlow or Flax are not supported)")
+
+
+def _scratchlm_tokenizer_text(tok_path: Path, model_vocab: int) -> tuple[str, int]:
+    """tokenizer.json text scratchlm can load, and how many embedding rows to add for it.
+
+    A tokenizer without `<|endoftext|>` / `<|pad|>` (GPT-2's has no pad) gets them appended as
+    special tokens; ids beyond the model's vocabulary need new embedding rows.
+    """
+    from tokenizers import Tokenizer as HFTokenizer
+
+    text = tok_path.read_text(encoding="utf-8")
+    try:
+        hf = HFTokenizer.from_str(text)
+    # HF tokenizers raises plain Exception for a malformed file.
+    except Exception as e:  # noqa: BLE001 - re-raised as a one-line user error
+        raise UserError(f"{tok_path} is not a valid tokenizer.json ({str(e)[:200]})") from None
+    missing = [t for t in SPECIAL_TOKENS if hf.token_to_id(t) is None]
+    if missing:
+        hf.add_special_tokens(missing)
+        text = hf.to_str(pretty=True)
+    try:
+        tok = Tokenizer.from_str(text, source=str(tok_path))  # checks it is a kind scratchlm runs
+    except UserError as e:
+        raise UserError(f"unsupported tokenizer ({e}); import-hf reads byte-level BPE "
+                        "(GPT-2 style) and scratchlm char tokenizers") from None
+    if tok.vocab_size > model_vocab + len(missing):
+        raise UserError(f"{tok_path} has {tok.vocab_size} ids but the model only "
+                        f"{model_vocab} embedding rows")
+    return text, max(0, tok.vocab_size - model_vocab)
+
+
+def _grow_vocab(state: dict[str, torch.Tensor], n: int, tied: bool) -> dict[str, torch.Tensor]:
+    """Append n embedding rows (and output rows when untied), set to the mean row."""
+    state = dict(state)
+    for key in ("tok_emb.weight",) + (() if tied else ("lm_head.weight",)):
+        w = state[key]
+        state[key] = torch.cat([w, w.mean(dim=0, keepdim=True).expand(n, -1)], dim=0)
+    return state
+
+
+# --- file helpers ----------------------------------------------------------------------------
+
+
+def _check_dir_target(out: Path, replaceable: tuple[str, ...], verb: str) -> None:
+    """`out` may be absent, an empty directory, or a previous Hugging Face export: a directory
+    of only `replaceable` files whose config.json is not a scratchlm run's."""
+    if out.is_file() or (out.exists() and not out.is_dir()):
+        raise UserError(f"--out {out} exists and is a file; {verb} writes a directory")
+    if not out.is_dir():
+        return
+    names = sorted(p.name for p in out.iterdir())
+    foreign = [n for n in names if n not in replaceable]
+    if foreign:
+        raise UserError(f"--out {out} already exists and holds {foreign[0]!r}"
+                        f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}; "
+                        "choose a new directory or remove it")
+    if "config.json" in names and _is_run_config(out / "config.json"):
+        raise UserError(f"--out {out} is a scratchlm run directory; choose a new directory")
+
+
+def _is_run_config(path: Path) -> bool:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return False
+    return isinstance(raw, dict) and "format_version" in raw
+
+
+@contextmanager
+def _staged_dir(out: Path) -> Iterator[Path]:
+    """Yield a temp directory next to `out`; on success it replaces `out`, else it is removed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    old: Path | None = None
+    try:
+        yield tmp
+        _usual_permissions(tmp)
+        if out.exists():  # a previous export (checked by _check_dir_target): swap it out
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old / "x")
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and (old / "x").exists() and not out.exists():
+            os.replace(old / "x", out)  # put the previous export back
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _atomic_file(out: Path, write: Callable[[str], None]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        _usual_permissions(Path(tmp))
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _usual_permissions(path: Path) -> None:
+    """Temp files and directories are created private (0600/0700); give the finished output the
+    modes a plain `open`/`mkdir` would have under the user's umask, so others can read it too."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
