@@ -43,7 +43,8 @@ def _cmd_ingest(a: argparse.Namespace) -> int:
         text_field=a.text_field, text_column=a.text_column,
         max_file_bytes=int(a.max_file_mb * 1024 * 1024), scrub_secrets=not a.no_scrub_secrets,
         table=a.table, column=a.column, where_column=a.where_column, where_value=a.where_value,
-        query=a.query,
+        query=a.query, quality_filter=not a.no_quality_filter, compression=a.compress,
+        shard_bytes=int(a.shard_mb * 1024 * 1024), progress=not a.json, git_cache=a.git_cache,
     )
     summary = ingest(a.sources, a.out, opts, json_summary=a.json)
     if a.json:
@@ -189,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--where-column", help="database: filter column")
     s.add_argument("--where-value", help="database: filter value (bound, never formatted)")
     s.add_argument("--query", help="database: read-only SELECT")
+    s.add_argument("--no-quality-filter", action="store_true", help="keep documents the quality heuristics would drop")
+    s.add_argument("--compress", choices=["none", "gz", "zst"], default="none", help="shard compression")
+    s.add_argument("--shard-mb", type=float, default=128.0, help="rotate shards at this size")
+    s.add_argument("--git-cache", help="where remote repositories are cloned")
     s.add_argument("--json", action="store_true", help="print a JSON summary")
     s.set_defaults(func=_cmd_ingest)
 
