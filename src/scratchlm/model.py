@@ -60,9 +60,9 @@ class KVCache:
 class _Step:
     """Per-forward cache bookkeeping shared by all layers: where to write, what to attend to."""
 
-    def __init__(self, cache: KVCache, rows: torch.Tensor | None, T: int) -> None:
+    def __init__(self, cache: KVCache, rows: torch.Tensor | None, T: int, B: int | None = None) -> None:
         self.cache = cache
-        pos = cache.pos if rows is None else cache.pos[rows]
+        pos = cache.pos[:B] if rows is None else cache.pos[rows]  # rows None: rows 0..B-1
         start = int(pos[0])
         self.uniform = rows is None and bool((pos == start).all())
         self.positions = pos[:, None] + torch.arange(T)  # (B, T)
@@ -92,7 +92,10 @@ class _Step:
         rows = rows.to(ck.device)
         ck[rows[:, None], :, self.positions] = k.transpose(1, 2)  # (B, T, nkv, hs)
         cv[rows[:, None], :, self.positions] = v.transpose(1, 2)
-        return ck[rows, :, : self.length], cv[rows, :, : self.length]
+        if self.rows is None:  # rows 0..B-1: attend through views, no copy
+            return ck[:B, :, : self.length], cv[:B, :, : self.length]
+        # index_select on the sliced cache: the same rows as ck[rows, :, :length], ~10x faster on CPU.
+        return ck[:, :, : self.length].index_select(0, rows), cv[:, :, : self.length].index_select(0, rows)
 
     def causal(self) -> bool:
         return self.uniform and self.start == 0 and self.T > 1
@@ -276,7 +279,7 @@ class Transformer(nn.Module):
         (default: rows 0..B-1). Positions continue from each row's `cache.pos`, which advances.
         """
         B, T = idx.shape
-        step = _Step(cache, rows, T) if cache is not None else None
+        step = _Step(cache, rows, T, B) if cache is not None else None
         if step is None:
             if T > self.cfg.context_length:
                 raise ValueError(f"sequence of {T} tokens > context_length {self.cfg.context_length}")
