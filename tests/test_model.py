@@ -116,3 +116,15 @@ def test_param_count_and_flops_of_small_preset():
     # The 10.65M shakespeare model: every weight counted once, position embeddings excluded.
     assert round(model.num_params() / 1e6, 2) == 10.65
     assert model.flops_per_token() > 6 * model.num_params()
+
+
+def test_rows_none_uses_the_first_rows_of_a_larger_cache():
+    """A batch smaller than the cache decodes rows 0..B-1 without touching the others."""
+    model = tiny("gpt2")
+    idx = torch.randint(0, 61, (2, 12))
+    full, _ = model(idx)
+    cache = KVCache(model.cfg, 5)
+    model(idx[:, :8], cache=cache)
+    out, _ = model(idx[:, 8:], cache=cache)
+    torch.testing.assert_close(out, full[:, 8:], atol=1e-5, rtol=1e-5)
+    assert cache.pos.tolist() == [12, 12, 0, 0, 0]

@@ -228,11 +228,11 @@ def generate_text(
             else:
                 new[b].append(tok)
             text = tokenizer.decode(new[b])
-            cut = _find_stop(text, stop)
+            cut = find_stop(text, stop)
             if cut is not None:
                 text, finished[b] = text[:cut], "stop"
             texts[b] = text
-            final = text if finished[b] else _stable_prefix(text, stop)
+            final = text if finished[b] else stable_prefix(text, stop)
             if on_text is not None and len(final) > emitted[b]:
                 on_text(b, final[emitted[b]:])
             emitted[b] = max(emitted[b], len(final))
@@ -255,12 +255,12 @@ def generate_text(
     return results
 
 
-def _find_stop(text: str, stop: list[str]) -> int | None:
+def find_stop(text: str, stop: list[str]) -> int | None:
     hits = [text.find(s) for s in stop if s in text]
     return min(hits) if hits else None
 
 
-def _stable_prefix(text: str, stop: list[str]) -> str:
+def stable_prefix(text: str, stop: list[str]) -> str:
     """The part of text that can no longer change: hold back a trailing replacement char (an
     incomplete multi-byte character) and any tail that could still grow into a stop string."""
     end = len(text)

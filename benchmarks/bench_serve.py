@@ -1,0 +1,189 @@
+"""Serving throughput: aggregate decode tokens/s with 8 concurrent clients vs 1 client.
+
+    python benchmarks/bench_serve.py                      # tiny preset, untrained weights
+    python benchmarks/bench_serve.py --clients 8 --max-tokens 200 --requests 4 --json out.json
+
+Builds a throwaway run directory (the `tiny` preset: 2 layers, d_model 64, context 256, with a
+character tokenizer; untrained weights are fine for throughput), starts `scratchlm serve` on
+it in a subprocess on a loopback port, then streams completions through the OpenAI API
+(`stream: true`, `temperature: 0`, `ignore_eos: true` so every request makes exactly
+`--max-tokens` tokens, counted from the server's `usage`). Phase 1: one client sends its
+requests one after another. Phase 2: N clients do the same at once. Aggregate tokens/s is all
+completion tokens over the phase's wall time; the target (issue 4) is phase 2 >= 4x phase 1.
+The two phases alternate for `--rounds` rounds and the medians are reported (shared machines
+are noisy), with the server process's CPU time per token, which load on the machine barely
+changes (Linux only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from scratchlm.checkpoint import write_run
+from scratchlm.config import load_run_config
+from scratchlm.model import Transformer
+from scratchlm.tokenizer import train_char
+
+ALPHABET = "".join(chr(c) for c in range(32, 127)) + "\n"
+PROMPT = "To be, or not to be, that is the question:"
+
+
+def build_run(out: Path, preset: str) -> Path:
+    tok = train_char([ALPHABET])
+    tok.save(out / "tokenizer.json")
+    cfg = load_run_config(preset)
+    cfg.model = dataclasses.replace(cfg.model, vocab_size=tok.vocab_size)
+    torch.manual_seed(0)
+    run = out / f"bench-{preset}"
+    write_run(run, Transformer(cfg.model), cfg, out / "tokenizer.json")
+    return run
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(run: Path, port: int, max_batch: int, threads: int) -> subprocess.Popen:
+    """`scratchlm serve RUN --port PORT --max-batch N`, with OMP_NUM_THREADS=threads if > 0."""
+    env = dict(os.environ)
+    if threads > 0:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return subprocess.Popen([sys.executable, "-m", "scratchlm.cli", "serve", str(run), "--port",
+                             str(port), "--max-batch", str(max_batch)], env=env)
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with code {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit("the server did not come up")
+
+
+async def one_request(http: httpx.AsyncClient, url: str, max_tokens: int) -> tuple[int, float]:
+    """Stream one completion; (completion tokens, time to first token)."""
+    body = {"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    ttft = None
+    tokens = 0
+    async with http.stream("POST", url + "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            if ttft is None:
+                ttft = time.perf_counter() - t0
+            if '"usage"' in line:  # parse only the last chunk: keep the client's CPU use small
+                tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+    return tokens, ttft or 0.0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (0 where /proc is missing)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def phase(url: str, clients: int, requests: int, max_tokens: int, pid: int) -> dict:
+    async def client(http: httpx.AsyncClient) -> list[tuple[int, float]]:
+        return [await one_request(http, url, max_tokens) for _ in range(requests)]
+
+    limits = httpx.Limits(max_connections=clients + 2)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as http:
+        await one_request(http, url, 8)  # warm-up
+        cpu0, t0 = cpu_seconds(pid), time.perf_counter()
+        results = await asyncio.gather(*(client(http) for _ in range(clients)))
+        wall, cpu = time.perf_counter() - t0, cpu_seconds(pid) - cpu0
+    flat = [r for rs in results for r in rs]
+    tokens = sum(t for t, _ in flat)
+    assert tokens == clients * requests * max_tokens, (tokens, clients * requests * max_tokens)
+    return {"clients": clients, "requests": len(flat), "tokens": tokens, "seconds": round(wall, 3),
+            "tokens_per_s": round(tokens / wall, 1),
+            "server_cpu_ms_per_token": round(1000 * cpu / tokens, 3),
+            "mean_ttft_ms": round(1000 * sum(f for _, f in flat) / len(flat), 1)}
+
+
+def median_phase(phases: list[dict]) -> dict:
+    """The round with the median throughput (its other figures come with it)."""
+    return sorted(phases, key=lambda ph: ph["tokens_per_s"])[len(phases) // 2]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--clients", type=int, default=8, help="concurrent clients in phase 2")
+    p.add_argument("--requests", type=int, default=8, help="requests per client")
+    p.add_argument("--max-tokens", type=int, default=200)
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians reported")
+    p.add_argument("--threads", type=int, default=0,
+                   help="OMP_NUM_THREADS of the server (0: unset; serve then uses 1 thread for a "
+                   "model this small)")
+    p.add_argument("--json", help="also write the figures here")
+    a = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        run = build_run(Path(tmp), a.preset)
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        proc = start_server(run, port, a.max_batch, a.threads)
+        try:
+            wait_ready(url, proc)
+            rounds = []
+            for _ in range(a.rounds):
+                rounds.append((asyncio.run(phase(url, 1, a.requests, a.max_tokens, proc.pid)),
+                               asyncio.run(phase(url, a.clients, a.requests, a.max_tokens, proc.pid))))
+            metrics = httpx.get(url + "/metrics").text
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    steps = next(float(line.split()[1]) for line in metrics.splitlines()
+                 if line.startswith("scratchlm_decode_steps_total "))
+    single, multi = (median_phase([r[i] for r in rounds]) for i in (0, 1))
+    result = {
+        "preset": a.preset, "max_tokens": a.max_tokens, "max_batch": a.max_batch,
+        "rounds": a.rounds, "single": single, "concurrent": multi,
+        "speedup": round(multi["tokens_per_s"] / single["tokens_per_s"], 2),
+        "cpu_speedup": round(single["server_cpu_ms_per_token"] / multi["server_cpu_ms_per_token"], 2)
+        if multi["server_cpu_ms_per_token"] else None,
+        "per_round_tokens_per_s": [[s["tokens_per_s"], m["tokens_per_s"]] for s, m in rounds],
+        "decode_steps": int(steps), "cpu": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(), "torch": torch.__version__, "omp_num_threads": a.threads or "unset",
+        "stream_interval": os.environ.get("SCRATCHLM_STREAM_INTERVAL", "default (0.02)"),
+    }
+    for name, ph in (("1 client ", single), (f"{a.clients} clients", multi)):
+        print(f"{name}: {ph['tokens_per_s']:8.1f} tokens/s  ({ph['tokens']} tokens in {ph['seconds']} s, "
+              f"mean TTFT {ph['mean_ttft_ms']} ms, server CPU {ph['server_cpu_ms_per_token']} ms/token)")
+    print(f"speedup  : {result['speedup']}x (target >= 4x); server CPU per token: "
+          f"{result['cpu_speedup']}x less; per round: {result['per_round_tokens_per_s']}")
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,748 @@
+"""An OpenAI-compatible HTTP server with continuous batching, and a web playground.
+
+Driven by `scratchlm serve RUN_DIR [--host 127.0.0.1] [--port 8000] [--max-batch N]
+[--max-queue N] [--api-key KEY]`, which calls `serve()`; tests and embedders use
+`create_app()`. Endpoints:
+
+| method, path               | what                                                          |
+|----------------------------|---------------------------------------------------------------|
+| GET  /                     | the playground (static/index.html; no build step, no CDN)     |
+| GET  /health               | liveness, model name, running and waiting requests            |
+| GET  /v1/models            | the one served model                                          |
+| POST /v1/completions       | text completion; `stream: true` for server-sent events        |
+| POST /v1/chat/completions  | chat, rendered with `render_chat` (below); `stream: true` too |
+| GET  /metrics              | Prometheus text: requests, tokens, queue depth, latencies     |
+
+All generation goes through `scratchlm.engine.Engine` (continuous batching over
+`generate.sample_next_token`). Errors have OpenAI's shape,
+`{"error": {"message", "type", "param", "code"}}`: 400 for bad input, 401 for a missing or
+wrong API key, 429 when the queue is full, 503 when the engine is not running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import secrets
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any
+
+from scratchlm.errors import UserError
+
+try:
+    from fastapi import FastAPI, Request
+    from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+    from fastapi.staticfiles import StaticFiles
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+except ImportError as e:  # the server is an optional extra
+    raise UserError(f"serving needs FastAPI and uvicorn ({e.name} is missing): "
+                    "pip install 'scratchlm[serve]'") from None
+
+from scratchlm.engine import Engine, EngineClosed, EventStream, GenerationParams, QueueFull
+from scratchlm.generate import SamplingConfig
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).parent / "static"
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+STREAM_INTERVAL = 0.02
+"""Seconds: a stream sends at most one chunk per interval per request, holding the tokens that
+arrive meanwhile for the next chunk. The first chunk is never delayed. Fewer, larger writes
+leave more CPU to decoding when many clients stream (set SCRATCHLM_STREAM_INTERVAL=0 for one
+chunk per token)."""
+
+# --- the chat template -----------------------------------------------------------------------
+
+CHAT_ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
+CHAT_STOP = "\nUser:"
+"""Generation stops here: a base model would otherwise go on to write the user's next turn."""
+
+
+def render_chat(messages: list[dict[str, str]]) -> str:
+    """The chat template for base models: one line per message, then the assistant's cue.
+
+    >>> render_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+    'System: Be brief.\\nUser: Hi\\nAssistant:'
+
+    The reply is what the model writes after "Assistant:", up to the first "\\nUser:" (a stop
+    string) or end-of-text, with its leading whitespace removed.
+    """
+    lines = [f"{CHAT_ROLES[m['role']]}: {m['content']}" for m in messages]
+    return "\n".join(lines + ["Assistant:"])
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+class APIError(Exception):
+    """An HTTP error with OpenAI's body: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+def _bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, "invalid_request_error", param, code)
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+
+class Histogram:
+    """A Prometheus histogram (cumulative buckets, sum, count), rendered as text."""
+
+    def __init__(self, name: str, help: str, buckets: tuple[float, ...]) -> None:
+        self.name, self.help, self.buckets = name, help, buckets
+        self.counts = [0] * len(buckets)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.sum += value
+        self.count += 1
+        for i, le in enumerate(self.buckets):
+            if value <= le:
+                self.counts[i] += 1
+
+    def render(self) -> list[str]:
+        out = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
+        for le, n in zip(self.buckets, self.counts):
+            out.append(f'{self.name}_bucket{{le="{le:g}"}} {n}')
+        out += [f'{self.name}_bucket{{le="+Inf"}} {self.count}',
+                f"{self.name}_sum {self.sum:.6f}", f"{self.name}_count {self.count}"]
+        return out
+
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Metrics:
+    """Counters and histograms of the API (updated on the event loop; no locks needed)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.requests: dict[tuple[str, int], int] = {}
+        self.latency = Histogram("scratchlm_request_latency_seconds",
+                                 "Time from receiving a generation request to its last token.",
+                                 _LATENCY_BUCKETS)
+        self.ttft = Histogram("scratchlm_time_to_first_token_seconds",
+                              "Time from queueing a sequence to its first new token.", _LATENCY_BUCKETS)
+        self.tpot = Histogram("scratchlm_time_per_output_token_seconds",
+                              "Mean time between a sequence's new tokens after the first.",
+                              (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0))
+
+    def count_request(self, endpoint: str, status: int) -> None:
+        key = (endpoint, status)
+        self.requests[key] = self.requests.get(key, 0) + 1
+
+    def observe_sequence(self, req) -> None:
+        """Timings of one finished engine request."""
+        if req.t_first_token is None:
+            return
+        self.ttft.observe(req.t_first_token - req.t_submit)
+        if req.t_done is not None and len(req.tokens) > 1:
+            self.tpot.observe((req.t_done - req.t_first_token) / (len(req.tokens) - 1))
+
+    def render(self) -> str:
+        e = self.engine
+        out = ["# HELP scratchlm_requests_total HTTP API requests by endpoint and status code.",
+               "# TYPE scratchlm_requests_total counter"]
+        for (endpoint, status), n in sorted(self.requests.items()):
+            out.append(f'scratchlm_requests_total{{endpoint="{endpoint}",status="{status}"}} {n}')
+        for name, kind, help, value in (
+            ("scratchlm_prompt_tokens_total", "counter", "Prompt tokens prefilled.", e.prompt_tokens_total),
+            ("scratchlm_generation_tokens_total", "counter", "New tokens generated.",
+             e.generation_tokens_total),
+            ("scratchlm_decode_steps_total", "counter", "Batched decode steps run.", e.steps_total),
+            ("scratchlm_queue_depth", "gauge", "Requests waiting for a slot.", e.queue_depth),
+            ("scratchlm_running_requests", "gauge", "Requests holding a slot.", e.running),
+            ("scratchlm_max_batch", "gauge", "Slots (sequences decoded together).", e.max_batch),
+            ("scratchlm_max_queue", "gauge", "Waiting requests allowed before 429.", e.max_queue),
+        ):
+            out += [f"# HELP {name} {help}", f"# TYPE {name} {kind}", f"{name} {value}"]
+        for h in (self.latency, self.ttft, self.tpot):
+            out += h.render()
+        return "\n".join(out) + "\n"
+
+
+class _CountRequests:
+    """ASGI middleware: count /v1 responses by endpoint and status (streams included)."""
+
+    def __init__(self, app, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+
+        async def counting_send(message) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.count_request(scope["path"], message["status"])
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+# --- request validation ----------------------------------------------------------------------
+
+
+def _number(data: dict, name: str, default, lo: float, hi: float, integer: bool = False,
+            lo_open: bool = False):
+    value = data.get(name)
+    if value is None:
+        return default
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        raise _bad(f"'{name}' must be {kind}, got {json.dumps(value)}", name)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _bad(f"'{name}' must be finite, got {value}", name)
+    if value < lo or value > hi or (lo_open and value == lo):
+        low = f"> {lo:g}" if lo_open else f">= {lo:g}"
+        raise _bad(f"'{name}' must be {low} and <= {hi:g}, got {value}", name)
+    return value
+
+
+def _stop_list(data: dict) -> list[str]:
+    stop = data.get("stop")
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise _bad("'stop' must be a string or a list of strings", "stop")
+    if len(stop) > 4:
+        raise _bad(f"'stop' takes at most 4 strings, got {len(stop)}", "stop")
+    return [s for s in stop if s]
+
+
+def _reject_unsupported(data: dict, chat: bool) -> None:
+    """Fields we do not implement: refuse clearly rather than silently ignore."""
+    for name in ("presence_penalty", "frequency_penalty"):
+        if data.get(name) not in (None, 0, 0.0):
+            raise _bad(f"'{name}' is not supported; use 'repetition_penalty' (> 1 discourages "
+                       "repeats)", name)
+    if data.get("logit_bias"):
+        raise _bad("'logit_bias' is not supported", "logit_bias")
+    if data.get("logprobs") not in (None, False, 0) or data.get("top_logprobs"):
+        raise _bad("'logprobs' is not supported", "logprobs")
+    if chat:
+        for name in ("tools", "functions", "tool_choice", "function_call"):
+            if data.get(name):
+                raise _bad(f"'{name}' is not supported: this is a base model without tool calling", name)
+        fmt = data.get("response_format")
+        if fmt not in (None, {"type": "text"}):
+            raise _bad("only response_format {\"type\": \"text\"} is supported", "response_format")
+    else:
+        if data.get("suffix"):
+            raise _bad("'suffix' (insertion) is not supported", "suffix")
+        if data.get("best_of") not in (None, 1) and data.get("best_of") != data.get("n", 1):
+            raise _bad("'best_of' other than n is not supported", "best_of")
+
+
+class _Parsed:
+    """A validated generation request."""
+
+    def __init__(self, prompts: list[list[int]], params: list[GenerationParams], n: int,
+                 stream: bool, include_usage: bool, prompt_texts: list[str], echo: bool) -> None:
+        self.prompts, self.params, self.n = prompts, params, n
+        self.stream, self.include_usage = stream, include_usage
+        self.prompt_texts, self.echo = prompt_texts, echo
+
+
+# --- the app ---------------------------------------------------------------------------------
+
+
+class _Server:
+    """What the endpoints share: the engine, the tokenizer, the model's name and limits."""
+
+    def __init__(self, engine: Engine, tokenizer, model_name: str, api_key: str | None,
+                 created: int) -> None:
+        self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
+        self.api_key, self.created = api_key, created
+        self.context_length = engine.context_length
+        self.metrics = Metrics(engine)
+        self.stream_interval = 0.0
+
+    # -- checks --
+
+    def check_auth(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(),
+                                                                     self.api_key.encode()):
+            raise APIError(401, "invalid or missing API key: send the header "
+                           "'Authorization: Bearer <key>' with the server's --api-key",
+                           "invalid_request_error", None, "invalid_api_key")
+
+    async def read_json(self, request: Request) -> dict:
+        body = await request.body()
+        try:
+            data = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise _bad(f"the request body is not valid JSON: {e}", None, "invalid_json") from None
+        if not isinstance(data, dict):
+            raise _bad("the request body must be a JSON object", None, "invalid_json")
+        model = data.get("model")
+        if model is not None and model != self.model_name:
+            raise _bad(f"model {model!r} does not exist; this server serves {self.model_name!r} "
+                       "(see GET /v1/models)", "model", "model_not_found")
+        return data
+
+    def encode(self, text: str, param: str) -> list[int]:
+        try:
+            return self.tokenizer.encode(text)
+        except UserError as e:  # e.g. a character the char tokenizer never saw
+            raise _bad(f"cannot tokenize '{param}': {e}", param) from None
+
+    def parse(self, data: dict, prompts: list[list[int]], prompt_param: str, default_max: int | None,
+              extra_stop: list[str], prompt_texts: list[str]) -> _Parsed:
+        _reject_unsupported(data, chat=prompt_param == "messages")
+        for p in prompts:
+            if not p:
+                raise _bad(f"'{prompt_param}' is empty: give at least one token of text", prompt_param)
+            if len(p) >= self.context_length:
+                raise _bad(f"the prompt is {len(p)} tokens, but this model's context is "
+                           f"{self.context_length} tokens (and at least one new token must fit)",
+                           prompt_param, "context_length_exceeded")
+        max_tokens = data.get("max_tokens")
+        if max_tokens is None:
+            max_tokens = data.get("max_completion_tokens")
+        longest = max(len(p) for p in prompts)
+        if max_tokens is None:
+            max_tokens = self.context_length - longest if default_max is None else default_max
+            max_tokens = min(max_tokens, self.context_length - longest)
+        max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", None, 1, 1e12, integer=True)
+        if longest + max_tokens > self.context_length:
+            raise _bad(f"this model's context is {self.context_length} tokens, but the request asks "
+                       f"for {longest + max_tokens} ({longest} in the prompt, {max_tokens} in the "
+                       "completion); shorten the prompt or lower max_tokens", "max_tokens",
+                       "context_length_exceeded")
+        temperature = _number(data, "temperature", 1.0, 0.0, 2.0)
+        top_p = _number(data, "top_p", None, 0.0, 1.0, lo_open=True)
+        top_k = _number(data, "top_k", None, -1, self.tokenizer.vocab_size, integer=True)
+        min_p = _number(data, "min_p", None, 0.0, 1.0)
+        rep = _number(data, "repetition_penalty", 1.0, 0.0, 10.0, lo_open=True)
+        n = _number(data, "n", 1, 1, self.engine.max_batch, integer=True)
+        seed = _number(data, "seed", None, -(2**63), 2**63 - 1, integer=True)
+        stream = data.get("stream", False) or False
+        if not isinstance(stream, bool):
+            raise _bad("'stream' must be true or false", "stream")
+        opts = data.get("stream_options") or {}
+        if not isinstance(opts, dict):
+            raise _bad("'stream_options' must be an object", "stream_options")
+        echo = data.get("echo", False) or False
+        ignore_eos = data.get("ignore_eos", False) or False
+        for name, flag in (("echo", echo), ("ignore_eos", ignore_eos)):
+            if not isinstance(flag, bool):
+                raise _bad(f"'{name}' must be true or false", name)
+        sampling = SamplingConfig(temperature=float(temperature),
+                                  top_k=top_k if top_k and top_k > 0 else None,  # 0 or -1: off
+                                  top_p=top_p, min_p=min_p, repetition_penalty=float(rep))
+        stop = _stop_list(data) + extra_stop
+        params, expanded, texts = [], [], []
+        for p, text in zip(prompts, prompt_texts):
+            for j in range(n):
+                params.append(GenerationParams(max_tokens=max_tokens, sampling=sampling, stop=stop,
+                                               seed=None if seed is None else seed + j,
+                                               ignore_eos=ignore_eos))
+                expanded.append(p)
+                texts.append(text)
+        if len(expanded) > self.engine.max_batch + self.engine.max_queue:
+            raise _bad(f"{len(expanded)} sequences (prompts x n) exceed the server's capacity of "
+                       f"{self.engine.max_batch + self.engine.max_queue}", "n")
+        return _Parsed(expanded, params, n, stream, bool(opts.get("include_usage")), texts, echo)
+
+    def start(self, parsed: _Parsed) -> EventStream:
+        try:
+            return EventStream(self.engine, parsed.prompts, parsed.params)
+        except QueueFull as e:
+            raise APIError(429, str(e), "rate_limit_error", None, "queue_full") from None
+        except EngineClosed as e:
+            raise APIError(503, str(e), "server_error", None, "engine_unavailable") from None
+
+
+def create_app(run_dir: str | Path, max_batch: int = 8, api_key: str | None = None,
+               max_queue: int = 64, *, model_name: str | None = None, device: str = "cpu",
+               stream_interval: float | None = None) -> FastAPI:
+    """Load RUN_DIR and build the app; the engine thread runs while the app is served.
+
+    Args:
+        run_dir: a scratchlm run directory (`load_run`).
+        max_batch: slots of the continuous batch.
+        api_key: when set, /v1/* need `Authorization: Bearer <api_key>`.
+        max_queue: requests that may wait for a slot before the server answers 429.
+        model_name: the id clients pass as `model` (default: the run directory's name).
+        stream_interval: see `STREAM_INTERVAL` (default: $SCRATCHLM_STREAM_INTERVAL or that).
+
+    Example:
+        >>> app = create_app("runs/demo/run")          # doctest: +SKIP
+        >>> uvicorn.run(app, host="127.0.0.1", port=8000)  # doctest: +SKIP
+    """
+    from scratchlm.checkpoint import load_run
+
+    if max_batch < 1:
+        raise UserError(f"--max-batch must be >= 1, got {max_batch}")
+    if max_queue < 0:
+        raise UserError(f"--max-queue must be >= 0, got {max_queue}")
+    if api_key is not None and not api_key.strip():
+        raise UserError("--api-key is empty; give a key or leave the option out")
+    run_dir = Path(run_dir)
+    model, tokenizer, _ = load_run(run_dir, device=device)
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
+    name = model_name or run_dir.resolve().name
+    created = int((run_dir / "config.json").stat().st_mtime)
+    srv = _Server(engine, tokenizer, name, api_key, created)
+    if stream_interval is None:
+        raw = os.environ.get("SCRATCHLM_STREAM_INTERVAL", str(STREAM_INTERVAL))
+        try:
+            stream_interval = float(raw)
+        except ValueError:
+            raise UserError(f"SCRATCHLM_STREAM_INTERVAL must be a number of seconds, got {raw!r}") from None
+    if not 0 <= stream_interval <= 1:
+        raise UserError(f"the stream interval must be in [0, 1] seconds, got {stream_interval}")
+    srv.stream_interval = stream_interval
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="scratchlm", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.server = srv
+    app.add_middleware(_CountRequests, metrics=srv.metrics)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        err = APIError(exc.status_code, str(exc.detail), "invalid_request_error", None,
+                       "not_found" if exc.status_code == 404 else None)
+        return JSONResponse(err.body(), status_code=exc.status_code)
+
+    @app.get("/", include_in_schema=False)
+    async def playground() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        alive = engine._thread is not None and engine._thread.is_alive()
+        body = {"status": "ok" if alive else "unavailable", "model": name,
+                "context_length": srv.context_length, "running": engine.running,
+                "waiting": engine.queue_depth, "max_batch": engine.max_batch,
+                "auth": api_key is not None}
+        return JSONResponse(body, status_code=200 if alive else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(srv.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        srv.check_auth(request)
+        return JSONResponse({"object": "list", "data": [
+            {"id": name, "object": "model", "created": srv.created, "owned_by": "scratchlm",
+             "max_model_len": srv.context_length}]})
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        srv.check_auth(request)
+        data = await srv.read_json(request)
+        raw = data.get("prompt")
+        if isinstance(raw, str):
+            raw = [raw]
+        if isinstance(raw, list) and raw and all(isinstance(x, int) and not isinstance(x, bool) for x in raw):
+            raw = [raw]  # one prompt given as token ids
+        if not isinstance(raw, list) or not raw or not all(isinstance(p, (str, list)) for p in raw):
+            raise _bad("'prompt' must be a string, a list of strings, or token ids", "prompt")
+        prompts, texts = [], []
+        for p in raw:
+            if isinstance(p, str):
+                prompts.append(srv.encode(p, "prompt"))
+                texts.append(p)
+            else:
+                if not all(isinstance(t, int) and 0 <= t < srv.tokenizer.vocab_size for t in p):
+                    raise _bad("token-id prompts must hold ids in [0, vocab_size)", "prompt")
+                prompts.append(list(p))
+                texts.append(srv.tokenizer.decode(p))
+        parsed = srv.parse(data, prompts, "prompt", default_max=16, extra_stop=[], prompt_texts=texts)
+        return await _respond(srv, request, parsed, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        srv.check_auth(request)
+        data = await srv.read_json(request)
+        messages = data.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise _bad("'messages' must be a non-empty list of {role, content} objects", "messages")
+        flat = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
+                raise _bad(f"messages[{i}] needs a 'role' of {', '.join(CHAT_ROLES)}", "messages")
+            content = m.get("content")
+            if isinstance(content, list):  # content parts: text only
+                if not all(isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str)
+                           for c in content):
+                    raise _bad(f"messages[{i}].content: only text parts are supported", "messages")
+                content = "".join(c["text"] for c in content)
+            if not isinstance(content, str):
+                raise _bad(f"messages[{i}].content must be a string", "messages")
+            flat.append({"role": m["role"], "content": content})
+        text = render_chat(flat)
+        parsed = srv.parse(data, [srv.encode(text, "messages")], "messages", default_max=None,
+                           extra_stop=[CHAT_STOP], prompt_texts=[text])
+        return await _respond(srv, request, parsed, chat=True)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        err = APIError(500, f"internal server error: {type(exc).__name__}", "server_error")
+        return JSONResponse(err.body(), status_code=500)
+
+    return app
+
+
+# --- responses -------------------------------------------------------------------------------
+
+
+async def _respond(srv: _Server, request: Request, parsed: _Parsed, chat: bool):
+    t0 = time.perf_counter()
+    stream = srv.start(parsed)
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    created = int(time.time())
+    if parsed.stream:
+        return StreamingResponse(
+            _sse(srv, stream, parsed, chat, rid, created, t0), media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    return await _complete(srv, request, stream, parsed, chat, rid, created, t0)
+
+
+def _finish_metrics(srv: _Server, stream: EventStream, t0: float) -> None:
+    srv.metrics.latency.observe(time.perf_counter() - t0)
+    for req in stream.requests:
+        srv.metrics.observe_sequence(req)
+
+
+async def _until_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _complete(srv, request, stream: EventStream, parsed: _Parsed, chat: bool, rid: str,
+                    created: int, t0: float):
+    """Non-streaming: gather every choice; a client that leaves cancels its sequences."""
+    k = len(parsed.prompts)
+    texts, reasons = [""] * k, [None] * k
+    prompt_tokens = completion_tokens = 0
+    error = None
+
+    async def collect() -> None:
+        nonlocal prompt_tokens, completion_tokens, error
+        while not stream.finished:
+            for ev in await stream.next_batch():
+                texts[ev.index] += ev.text
+                if ev.finish_reason is not None:
+                    reasons[ev.index] = ev.finish_reason
+                    completion_tokens += ev.completion_tokens
+                    if ev.index % parsed.n == 0:  # n copies of one prompt count it once
+                        prompt_tokens += ev.prompt_tokens
+                    error = error or ev.error
+
+    collector = asyncio.ensure_future(collect())
+    watcher = asyncio.ensure_future(_until_disconnect(request))
+    try:
+        await asyncio.wait({collector, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not collector.done():
+            collector.cancel()
+        if not stream.finished:
+            stream.cancel()
+    if not collector.done() or collector.cancelled():
+        return JSONResponse({}, status_code=499)  # the client is gone; nobody reads this
+    collector.result()
+    _finish_metrics(srv, stream, t0)
+    if error:
+        raise APIError(500, error, "server_error")
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+             "total_tokens": prompt_tokens + completion_tokens}
+    choices = []
+    for i in range(k):
+        if chat:
+            choices.append({"index": i, "message": {"role": "assistant", "content": texts[i].lstrip()},
+                            "logprobs": None, "finish_reason": reasons[i]})
+        else:
+            text = parsed.prompt_texts[i] + texts[i] if parsed.echo else texts[i]
+            choices.append({"index": i, "text": text, "logprobs": None, "finish_reason": reasons[i]})
+    return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
+                         "created": created, "model": srv.model_name, "choices": choices,
+                         "usage": usage})
+
+
+def _sse_line(obj: dict) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+async def _sse(srv: _Server, stream: EventStream, parsed: _Parsed, chat: bool, rid: str,
+               created: int, t0: float) -> AsyncIterator[bytes]:
+    """Server-sent events in OpenAI's format, ending with `data: [DONE]`. Starlette cancels
+    this generator when the client disconnects; `finally` then frees the slots."""
+    k = len(parsed.prompts)
+    base = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": created, "model": srv.model_name}
+    started = [False] * k  # chat: leading whitespace of the reply is dropped until text starts
+    prompt_tokens = completion_tokens = 0
+
+    def chunk(i: int, text: str | None, reason: str | None) -> dict:
+        if chat:
+            delta = {} if text is None else {"content": text}
+            choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}
+        else:
+            choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": reason}
+        return {**base, "choices": [choice]}
+
+    try:
+        for i in range(k):
+            if chat:
+                role = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                        "finish_reason": None}
+                yield _sse_line({**base, "choices": [role]})
+            elif parsed.echo:
+                yield _sse_line(chunk(i, parsed.prompt_texts[i], None))
+        last_send = 0.0
+        while not stream.finished:
+            wait = srv.stream_interval - (time.perf_counter() - last_send)
+            if wait > 0:  # gather this much output into one chunk (fewer, larger writes)
+                await asyncio.sleep(wait)
+            events = await stream.next_batch()
+            last_send = time.perf_counter()
+            pieces: dict[int, list] = {}  # index -> [text, finish_reason]
+            for ev in events:
+                if ev.error:
+                    yield _sse_line(APIError(500, ev.error, "server_error").body())
+                    return
+                piece = pieces.setdefault(ev.index, ["", None])
+                piece[0] += ev.text
+                if ev.finish_reason is not None:
+                    piece[1] = ev.finish_reason
+                    completion_tokens += ev.completion_tokens
+                    if ev.index % parsed.n == 0:
+                        prompt_tokens += ev.prompt_tokens
+            out = []
+            for i, (text, reason) in pieces.items():
+                if chat and not started[i]:
+                    text = text.lstrip()
+                    started[i] = bool(text)
+                if text:
+                    out.append(_sse_line(chunk(i, text, None)))
+                if reason is not None:
+                    out.append(_sse_line(chunk(i, None, reason)))
+            if out:
+                yield b"".join(out)
+        if parsed.include_usage:
+            yield _sse_line({**base, "choices": [], "usage": {
+                "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}})
+        yield b"data: [DONE]\n\n"
+        _finish_metrics(srv, stream, t0)
+    finally:
+        if not stream.finished:
+            stream.cancel()
+
+
+# --- the command -----------------------------------------------------------------------------
+
+SMALL_MODEL_PARAMS = 20_000_000
+"""Below this many parameters a decode step is ~50 tiny operations: intra-op threads cost more
+than they save, and on a busy machine they stall each other (on the loaded 2-core development
+machine one stream from the tiny preset ran at 349 tokens/s with 1 thread, 59 with 2)."""
+
+
+def _pick_threads(engine: Engine) -> str:
+    """One torch thread for small models on CPU unless OMP_NUM_THREADS says otherwise; the
+    choice is printed in the start-up line."""
+    import torch
+
+    if "OMP_NUM_THREADS" in os.environ:
+        return f"{torch.get_num_threads()} torch threads from OMP_NUM_THREADS"
+    if engine.device.type == "cpu" and engine.model.num_params(non_embedding=False) < SMALL_MODEL_PARAMS:
+        torch.set_num_threads(1)
+        return "1 torch thread for a small model; set OMP_NUM_THREADS to change"
+    return f"{torch.get_num_threads()} torch threads"
+
+
+
+def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,
+          api_key: str | None = None, max_queue: int = 64) -> None:
+    """`scratchlm serve`: load the run and serve it until interrupted (Ctrl-C)."""
+    import uvicorn
+
+    app = create_app(run_dir, max_batch=max_batch, api_key=api_key, max_queue=max_queue)
+    srv: _Server = app.state.server
+    threads = _pick_threads(srv.engine)
+    if host not in LOOPBACK_HOSTS:
+        print(f"warning: binding to {host}: the server is reachable from other machines"
+              + ("" if api_key else " and has no --api-key"), file=sys.stderr)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"serving {srv.model_name!r} (context {srv.context_length}, max batch {max_batch}, "
+          f"{threads}) at http://{shown}:{port}/  - playground at /, OpenAI API at /v1", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+@contextmanager
+def running_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0,
+                   timeout: float = 30.0) -> Iterator[str]:
+    """Serve `app` with uvicorn from a background thread (tests, notebooks, benchmarks);
+    yields the base URL. port=0 picks a free port (bound here, so there is no race).
+
+    Example:
+        >>> with running_server(create_app("runs/demo/run")) as url:  # doctest: +SKIP
+        ...     httpx.get(url + "/health").json()
+    """
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True,
+                              name="scratchlm-uvicorn")
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            sock.close()
+            raise RuntimeError("the server did not start")
+        time.sleep(0.01)
+    shown = f"[{host}]" if ":" in host else host
+    try:
+        yield f"http://{shown}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
+        sock.close()

@@ -1,0 +1,306 @@
+"""The HTTP server (scratchlm.serve): a real uvicorn server on a loopback port, driven by the
+official `openai` client and by httpx for the error cases."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import re
+import time
+
+import httpx
+import pytest
+import torch
+
+from scratchlm.checkpoint import write_run
+from scratchlm.config import ModelConfig, RunConfig
+from scratchlm.generate import SamplingConfig, generate_text
+from scratchlm.model import Transformer
+from scratchlm.serve import CHAT_STOP, create_app, render_chat, running_server, serve
+from scratchlm.tokenizer import train_char
+
+openai = pytest.importorskip("openai")
+
+TEXT = ("The quick brown fox jumps over the lazy dog. 0123456789\nHello, World! "
+        "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ?:;'\"-_()[]{}<>/\\|@#$%^&*+=~`")
+CONTEXT = 256
+KEY = "sk-test-123"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run directory: char tokenizer + untrained 2-layer, width-32 model (wide init so the
+    output depends on the prompt)."""
+    d = tmp_path_factory.mktemp("run") / "tiny-run"
+    tok = train_char([TEXT])
+    tok_path = d.parent / "tokenizer.json"
+    tok.save(tok_path)
+    cfg = RunConfig(model=ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=4, d_model=32,
+                                      context_length=CONTEXT))
+    torch.manual_seed(0)
+    model = Transformer(cfg.model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0, 1.0 if "emb" in name else 0.15)
+    write_run(d, model, cfg, tok_path)
+    return d
+
+
+@pytest.fixture(scope="module")
+def server(run_dir):
+    with running_server(create_app(run_dir, max_batch=4, max_queue=4)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def one_slot(run_dir):
+    """One slot, no waiting room: the second concurrent request is refused. The model is slowed
+    to >= 5 ms a step so that a long generation is surely still running when the test acts."""
+    app = create_app(run_dir, max_batch=1, max_queue=0)
+    model = app.state.server.engine.model
+    fast = model.forward
+
+    def slow_forward(*args, **kwargs):
+        time.sleep(0.005)
+        return fast(*args, **kwargs)
+
+    model.forward = slow_forward
+    with running_server(app) as url:
+        yield url
+
+
+def _error(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    return err
+
+
+def _metric(url: str, name: str) -> float:
+    text = httpx.get(url + "/metrics").text
+    return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+
+
+# --- the openai client ---------------------------------------------------------------------
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == ["tiny-run"]
+    h = httpx.get(server + "/health").json()
+    assert h["status"] == "ok" and h["model"] == "tiny-run" and h["context_length"] == CONTEXT
+
+
+def test_completion_equals_generate_text(client, run_dir):
+    from scratchlm.checkpoint import load_run
+
+    model, tok, _ = load_run(run_dir)
+    want = generate_text(model, tok, ["Hello"], 24, SamplingConfig(temperature=0))[0]
+    r = client.completions.create(model="tiny-run", prompt="Hello", max_tokens=24, temperature=0)
+    assert r.choices[0].text == want.text
+    assert r.choices[0].finish_reason == want.finish_reason
+    assert r.usage.prompt_tokens == 5 and r.usage.completion_tokens == want.new_tokens
+    parts, reasons = [], []
+    for chunk in client.completions.create(model="tiny-run", prompt="Hello", max_tokens=24,
+                                           temperature=0, stream=True):
+        parts += [c.text for c in chunk.choices]
+        reasons += [c.finish_reason for c in chunk.choices if c.finish_reason]
+    assert "".join(parts) == want.text and reasons == [want.finish_reason]
+
+
+def test_chat_non_streaming_and_streaming(client):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
+    r = client.chat.completions.create(model="tiny-run", messages=messages, max_tokens=20, temperature=0)
+    msg = r.choices[0].message
+    assert msg.role == "assistant" and isinstance(msg.content, str)
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens == len(render_chat(messages))  # char tokenizer: one id per char
+    stream = client.chat.completions.create(model="tiny-run", messages=messages, max_tokens=20,
+                                            temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == msg.content
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+
+
+def test_chat_template():
+    assert render_chat([{"role": "user", "content": "Hi"}]) == "User: Hi\nAssistant:"
+    assert CHAT_STOP == "\nUser:"
+
+
+def test_n_seed_and_stop(client):
+    kw = dict(model="tiny-run", prompt="The quick", max_tokens=30, temperature=1.0, seed=7, n=2)
+    a = client.completions.create(**kw)
+    b = client.completions.create(**kw)
+    assert [c.index for c in a.choices] == [0, 1]
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]  # seeded: reproducible
+    greedy = client.completions.create(model="tiny-run", prompt="The quick", max_tokens=30,
+                                       temperature=0).choices[0].text
+    stop = greedy[5:8]
+    assert len(stop) == 3
+    r = client.completions.create(model="tiny-run", prompt="The quick", max_tokens=30, temperature=0,
+                                  stop=[stop])
+    assert r.choices[0].text == greedy[: greedy.find(stop)] and r.choices[0].finish_reason == "stop"
+    texts, reasons = ["", ""], [None, None]
+    for chunk in client.completions.create(stream=True, **kw):  # n=2 streamed: same choices
+        for c in chunk.choices:
+            texts[c.index] += c.text
+            reasons[c.index] = c.finish_reason or reasons[c.index]
+    assert texts == [c.text for c in a.choices] and None not in reasons
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": "Hi", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "Hi", "max_tokens": "ten"}, "max_tokens"),
+    ({"prompt": "Hi", "temperature": -1}, "temperature"),
+    ({"prompt": "Hi", "top_p": 1.5}, "top_p"),
+    ({"prompt": "Hi", "top_p": 0}, "top_p"),
+    ({"prompt": "Hi", "n": 0}, "n"),
+    ({"prompt": "Hi", "n": 99}, "n"),
+    ({"prompt": "Hi", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"prompt": "Hi", "stop": 3}, "stop"),
+    ({"prompt": "Hi", "model": "gpt-4"}, "model"),
+    ({"prompt": "x" * CONTEXT}, "prompt"),
+    ({"prompt": "Hi", "max_tokens": CONTEXT}, "max_tokens"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": "\u4e2d"}, "prompt"),  # a character the char tokenizer never saw
+    ({"prompt": "Hi", "logprobs": 3}, "logprobs"),
+    ({"max_tokens": 3}, "prompt"),
+])
+def test_bad_completion_requests_are_400(server, body, param):
+    err = _error(httpx.post(server + "/v1/completions", json=body), 400)
+    assert err["param"] == param and err["type"] == "invalid_request_error"
+
+
+def test_bad_chat_requests_are_400(server):
+    url = server + "/v1/chat/completions"
+    assert _error(httpx.post(url, json={"model": "tiny-run"}), 400)["param"] == "messages"
+    bad_role = {"messages": [{"role": "robot", "content": "hi"}]}
+    assert _error(httpx.post(url, json=bad_role), 400)["param"] == "messages"
+    long = {"messages": [{"role": "user", "content": "x" * CONTEXT}]}
+    assert _error(httpx.post(url, json=long), 400)["code"] == "context_length_exceeded"
+
+
+def test_malformed_json_is_400(server):
+    for body in (b"{not json", b"[1, 2]", b"\xff\xfe"):
+        r = httpx.post(server + "/v1/completions", content=body,
+                       headers={"Content-Type": "application/json"})
+        assert _error(r, 400)["code"] == "invalid_json"
+    assert _error(httpx.get(server + "/v1/nothing"), 404)["code"] == "not_found"
+
+
+def test_openai_client_raises_on_400(client):
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.completions.create(model="tiny-run", prompt="Hi", max_tokens=CONTEXT)
+
+
+def test_api_key(run_dir):
+    with running_server(create_app(run_dir, max_batch=1, api_key=KEY)) as url:
+        body = {"prompt": "Hi", "max_tokens": 2}
+        _error(httpx.post(url + "/v1/completions", json=body), 401)
+        _error(httpx.post(url + "/v1/completions", json=body,
+                          headers={"Authorization": "Bearer wrong"}), 401)
+        _error(httpx.get(url + "/v1/models"), 401)
+        good = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=30)
+        assert good.completions.create(model="tiny-run", prompt="Hi", max_tokens=2).choices
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="nope", max_retries=0).models.list()
+        assert httpx.get(url + "/health").status_code == 200  # liveness stays open
+
+
+def test_stopped_engine_is_503(run_dir):
+    app = create_app(run_dir, max_batch=1)
+    with running_server(app) as url:
+        app.state.server.engine.stop()
+        err = _error(httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}), 503)
+        assert err["code"] == "engine_unavailable"
+        assert httpx.get(url + "/health").status_code == 503
+
+
+def test_binds_loopback_by_default():
+    assert inspect.signature(serve).parameters["host"].default == "127.0.0.1"
+
+
+# --- overload and disconnects ---------------------------------------------------------------
+
+LONG = {"prompt": "Hello", "max_tokens": CONTEXT - 10, "ignore_eos": True, "temperature": 0}
+
+
+def _wait_idle(url: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while httpx.get(url + "/health").json()["running"]:
+        assert time.monotonic() < deadline, "the slot was never freed"
+        time.sleep(0.02)
+
+
+def test_overload_is_429(one_slot):
+    with httpx.Client(timeout=30) as http:
+        with http.stream("POST", one_slot + "/v1/completions", json={**LONG, "stream": True}) as first:
+            next(first.iter_lines())  # the first request holds the only slot
+            err = _error(http.post(one_slot + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}), 429)
+            assert err["code"] == "queue_full"
+    _wait_idle(one_slot)
+    assert 'endpoint="/v1/completions",status="429"' in httpx.get(one_slot + "/metrics").text
+
+
+def test_disconnect_mid_stream_frees_the_slot(one_slot):
+    _wait_idle(one_slot)
+    before = _metric(one_slot, "scratchlm_generation_tokens_total")
+    with httpx.Client(timeout=30) as http:
+        with http.stream("POST", one_slot + "/v1/completions", json={**LONG, "stream": True}) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+    # Leaving the block closed the connection mid-stream.
+    _wait_idle(one_slot)
+    assert _metric(one_slot, "scratchlm_generation_tokens_total") - before < LONG["max_tokens"]
+    r = httpx.post(one_slot + "/v1/completions", json={"prompt": "Hi", "max_tokens": 3, "ignore_eos": True})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_disconnect_while_waiting_for_a_whole_completion(one_slot):
+    _wait_idle(one_slot)
+    before = _metric(one_slot, "scratchlm_generation_tokens_total")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(one_slot + "/v1/completions", json=LONG, timeout=httpx.Timeout(30, read=0.05))
+    _wait_idle(one_slot)
+    assert _metric(one_slot, "scratchlm_generation_tokens_total") - before < LONG["max_tokens"]
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+
+def test_metrics(server, client):
+    client.completions.create(model="tiny-run", prompt="Hello", max_tokens=4)
+    text = httpx.get(server + "/metrics").text
+    for line in ("# TYPE scratchlm_requests_total counter", "# TYPE scratchlm_queue_depth gauge",
+                 "# TYPE scratchlm_request_latency_seconds histogram",
+                 "# TYPE scratchlm_time_to_first_token_seconds histogram",
+                 'scratchlm_request_latency_seconds_bucket{le="+Inf"}'):
+        assert line in text
+    assert re.search(r'^scratchlm_requests_total\{endpoint="/v1/completions",status="200"\} [1-9]', text, re.M)
+    assert _metric(server, "scratchlm_generation_tokens_total") >= 4
+    assert _metric(server, "scratchlm_queue_depth") == 0
+    assert _metric(server, "scratchlm_max_batch") == 4
+    count = _metric(server, "scratchlm_request_latency_seconds_count")
+    assert count >= 1
+
+
+def test_sse_wire_format(server):
+    with httpx.stream("POST", server + "/v1/completions", timeout=30,
+                      json={"prompt": "Hi", "max_tokens": 5, "stream": True, "ignore_eos": True,
+                            "stream_options": {"include_usage": True}}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        body = r.read().decode()
+    events = [e for e in body.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    usage = json.loads(events[-2][6:])
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 5
