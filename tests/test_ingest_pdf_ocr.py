@@ -375,8 +375,9 @@ def test_epub_follows_spine_and_strips_markup(tmp_path):
     make_epub(path)
     doc = one(office.extract_epub(path, IngestOptions()))
     assert doc.type == "epub" and doc.meta == {"chapters": 2, "title": "A Tiny Book"}
-    assert doc.text == ("Prologue\n\nIt begins here,\non a new line.\n\n"
-                        "Chapter One\n\nThe second chapter in reading order.")
+    # Chapters are joined by a blank line; blocks inside a chapter by a newline (as web pages).
+    assert doc.text == ("Prologue\nIt begins here,\non a new line.\n\n"
+                        "Chapter One\nThe second chapter in reading order.")
 
 
 def test_bad_epubs(tmp_path):

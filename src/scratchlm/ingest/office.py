@@ -22,18 +22,13 @@ from urllib.parse import unquote
 from xml.etree import ElementTree
 
 from scratchlm.ingest.document import Document, IngestOptions, Skip
+from scratchlm.ingest.web import NON_TEXT_TAGS, html_to_text
 
 PIP_DOCX = "pip install python-docx  (or: pip install 'scratchlm[ingest]')"
-PIP_SELECTOLAX = "pip install selectolax  (or: pip install 'scratchlm[ingest]')"
 XHTML_TYPES = ("application/xhtml+xml", "text/html")
-# Elements whose end is a paragraph break; their inline children (em, a, span) are not.
-_BLOCKS = ("p, div, h1, h2, h3, h4, h5, h6, li, blockquote, pre, tr, dt, dd, section, "
-           "article, header, footer, aside, figcaption, caption, table, ul, ol, dl, hr")
-_PARA, _LINE = "\u2029", "\u2028"  # sentinels: survive whitespace collapsing, then become \n
 _SELF_CLOSING = re.compile(
     r"<(?!(?:area|base|br|col|embed|hr|img|input|link|meta|source|track|wbr)\b)"
     r"([A-Za-z][\w:.-]*)([^<>]*?)/>")
-_SPACES = re.compile(r"[ \t\n\r\f\v\u00a0]+")
 
 
 # --- DOCX ---------------------------------------------------------------------------------
@@ -138,37 +133,13 @@ def extract_epub(path: Path, opts: IngestOptions) -> Iterator[Document]:
 
 
 def html_text(markup: bytes | str) -> str:
-    """Visible text of an (X)HTML page: no markup, scripts or styles; blocks become paragraphs."""
-    try:
-        from selectolax.lexbor import LexborHTMLParser
-    except ImportError as e:
-        raise ImportError(f"EPUB ingestion needs selectolax: {PIP_SELECTOLAX}") from e
+    """Visible text of an XHTML chapter, through the same routine as web pages."""
     if isinstance(markup, bytes):
         markup = markup.decode("utf-8", "replace")
     # XHTML allows <title/> and <div/>; an HTML parser reads them as open tags (a <title/> in
     # <head> swallows the whole body), so spell non-void self-closing tags out in full.
     markup = _SELF_CLOSING.sub(r"<\1\2></\1>", markup)
-    tree = LexborHTMLParser(markup)
-    root = tree.body or tree.root
-    if root is None:
-        return ""
-    for node in root.css("script, style, noscript, template"):
-        node.decompose()
-    for node in root.css("td, th"):
-        node.insert_after(" ")
-    for node in root.css("br"):
-        node.insert_after(_LINE)
-    for node in root.css(_BLOCKS):
-        node.insert_before(_PARA)
-        node.insert_after(_PARA)
-    text = _SPACES.sub(" ", root.text(deep=True, separator=""))
-    paragraphs = []
-    for para in text.split(_PARA):
-        lines = [line.strip() for line in para.split(_LINE)]
-        para = "\n".join(line for line in lines if line)
-        if para:
-            paragraphs.append(para)
-    return "\n\n".join(paragraphs)
+    return html_to_text(markup, drop=NON_TEXT_TAGS, main_only=False)[1]
 
 
 def _opf_path(zf: zipfile.ZipFile) -> str:

@@ -23,6 +23,8 @@ from scratchlm.ingest.document import Document, IngestOptions, Skip
 from scratchlm.ingest.text import decode, normalize_newlines
 
 DROP_TAGS = "script, style, noscript, template, svg, iframe, form, nav, header, footer, aside, head"
+# What is never text, even in a book chapter (where <header> often holds the chapter title).
+NON_TEXT_TAGS = "script, style, noscript, template, svg, head"
 MAIN_SELECTORS = ("main", "article", "[role=main]")
 BLOCK_TAGS = (
     "p, div, section, li, dt, dd, tr, h1, h2, h3, h4, h5, h6, br, hr, blockquote, pre, table, "
@@ -49,17 +51,21 @@ def decode_html(data: bytes) -> str:
     return decode(data)[0]
 
 
-def html_to_text(html: str) -> tuple[str, str]:
-    """(title, main text) of an HTML document."""
-    from selectolax.lexbor import LexborHTMLParser  # optional: pip install 'scratchlm[ingest]'
+def html_to_text(html: str, drop: str = DROP_TAGS, main_only: bool = True) -> tuple[str, str]:
+    """(title, main text) of an HTML document: the one HTML-to-text routine of ingest (web
+    pages, and EPUB chapters with `drop=NON_TEXT_TAGS, main_only=False`)."""
+    try:
+        from selectolax.lexbor import LexborHTMLParser
+    except ImportError as e:
+        raise ImportError("HTML ingestion needs selectolax: pip install 'scratchlm[ingest]'") from e
 
     tree = LexborHTMLParser(html)
     title_node = tree.css_first("title")
     title = " ".join(title_node.text().split()) if title_node else ""
-    for node in tree.css(DROP_TAGS):
+    for node in tree.css(drop):
         node.decompose()
     root = None
-    for selector in MAIN_SELECTORS:
+    for selector in MAIN_SELECTORS if main_only else ():
         root = tree.css_first(selector)
         if root is not None:
             break
