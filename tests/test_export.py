@@ -61,7 +61,8 @@ TEXTS = [
 GPT2_SPLIT = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d| ?[^\W\d_]+| ?\d+| ?[^\s\w]+|\s+(?!\S)|\s+")
 VARIANTS = {
     "gpt2": dict(arch="gpt2"),
-    "gpt2-nobias-untied": dict(arch="gpt2", bias=False, tie_embeddings=False, norm_eps=1e-6),
+    "gpt2-nobias-untied": dict(arch="gpt2", bias=False, tie_embeddings=False, norm_eps=1e-6,
+                               gelu_approximate="tanh"),
     "llama-gqa": dict(arch="llama", n_kv_head=2, bias=False, rope_theta=500.0),
     "llama-bias-untied": dict(arch="llama", n_kv_head=1, bias=True, tie_embeddings=False,
                               norm_eps=1e-6),
@@ -257,7 +258,7 @@ def llamacpp_reference_logits(meta: dict, t: dict[str, torch.Tensor], ids: torch
         if arch == "llama":
             h = F.silu(lin(f"{p}.ffn_gate", h)) * lin(f"{p}.ffn_up", h)
         else:
-            h = F.gelu(lin(f"{p}.ffn_up", h), approximate="tanh")
+            h = F.gelu(lin(f"{p}.ffn_up", h), approximate="tanh")  # llama.cpp's ggml_gelu
         x = x + lin(f"{p}.ffn_down", h)
     x = norm(x, "output_norm")
     return x @ t.get("output.weight", t["token_embd.weight"]).T
@@ -313,7 +314,9 @@ def test_gguf_reads_back_with_llamacpp_names_and_reproduces_logits(variant, work
     with torch.no_grad():
         mine, _ = model(ids[None])
     theirs = llamacpp_reference_logits(meta, tensors, ids)
-    torch.testing.assert_close(theirs, mine[0], atol=1e-4, rtol=0)
+    # llama.cpp has only the tanh GELU: a model trained with the exact one runs slightly off.
+    exact_gelu = mc.arch == "gpt2" and mc.gelu_approximate == "none"
+    torch.testing.assert_close(theirs, mine[0], atol=2e-3 if exact_gelu else 1e-4, rtol=0)
 
 
 def _bpe_apply(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:

@@ -20,7 +20,7 @@ from scratchlm.config import RunConfig, load_run_config
 from scratchlm.errors import UserError
 
 DEMO_MODEL = [
-    "model.arch=llama", "model.n_layer=4", "model.n_head=4", "model.d_model=192",
+    "model.arch=llama", "model.n_layer=4", "model.n_head=4", "model.d_model=128",
     "model.context_length=128", "model.bias=false", "model.dropout=0.0",
 ]
 DEMO_TRAIN = [
@@ -29,9 +29,10 @@ DEMO_TRAIN = [
     "train.log_interval=10",
 ]
 PROMPTS = ["def ", "import ", "class Parser:\n    def __init__(self", "# Training a model"]
-# Left out of the standard-library corpus: the test suites, IDLE, and installed packages.
-STDLIB_EXCLUDES = ["*/site-packages/*", "*/test/*", "*/tests/*", "*/idlelib/*", "*/lib2to3/*",
-                   "*/ensurepip/*", "*/turtledemo/*"]
+# Left out of the standard-library corpus: installed packages, test suites, IDLE, vendored
+# wheels. Patterns without "/" match a file or directory name, which prunes whole directories.
+STDLIB_EXCLUDES = ["site-packages", "test", "tests", "idle_test", "idlelib", "lib2to3",
+                   "ensurepip", "turtledemo", "config-3*", "__pycache__", "pydoc_data"]
 
 
 def demo_sources() -> list[str]:

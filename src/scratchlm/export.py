@@ -111,7 +111,8 @@ def hf_config(mc: ModelConfig, tokenizer: Tokenizer) -> dict[str, Any]:
             "n_positions": mc.context_length,
             "n_ctx": mc.context_length,
             "layer_norm_epsilon": mc.norm_eps,
-            "activation_function": "gelu_new",  # GELU with the tanh approximation, as ours
+            # HF's names for our two GELUs: exact erf ("gelu") and the tanh approximation.
+            "activation_function": "gelu_new" if mc.gelu_approximate == "tanh" else "gelu",
             "resid_pdrop": mc.dropout,
             "embd_pdrop": mc.dropout,
             "attn_pdrop": mc.dropout,
@@ -493,16 +494,17 @@ def model_config_from_hf(h: dict[str, Any]) -> ModelConfig:
                 f"unsupported {arch} option {key}={h[key]!r}; scratchlm has no equivalent")
     if arch == "GPT2LMHeadModel":
         act = h.get("activation_function", "gelu_new")
-        if act not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise UserError(f"unsupported GPT-2 activation_function {act!r}; "
-                            "scratchlm's is gelu_new (tanh GELU)")
+        approximations = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
+        if act not in approximations:
+            raise UserError(f"unsupported GPT-2 activation_function {act!r}; scratchlm has "
+                            "gelu (exact) and gelu_new (tanh approximation)")
         d = h.get("n_embd", 768)
         return _model_config(
             arch="gpt2", vocab_size=h.get("vocab_size", 50257), n_layer=h.get("n_layer", 12),
             n_head=h.get("n_head", 12), d_model=d, d_ff=h.get("n_inner") or 4 * d,
             context_length=h.get("n_positions", 1024), dropout=h.get("resid_pdrop", 0.0), bias=True,
             tie_embeddings=h.get("tie_word_embeddings", True),
-            norm_eps=h.get("layer_norm_epsilon", 1e-5),
+            norm_eps=h.get("layer_norm_epsilon", 1e-5), gelu_approximate=approximations[act],
         )
     rope = h.get("rope_parameters") or {}
     if isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) != "default":

@@ -6,7 +6,7 @@ One `Transformer` serves two families chosen by `ModelConfig.arch`:
 |------------|-------------------------------|-------------------------------------|
 | norm       | LayerNorm (optional bias)     | RMSNorm                             |
 | positions  | learned absolute embeddings   | rotary (RoPE, rotate-half layout)   |
-| MLP        | GELU (tanh), 4*d              | SwiGLU, ~8/3*d                      |
+| MLP        | GELU (exact or tanh), 4*d     | SwiGLU, ~8/3*d                      |
 | attention  | multi-head                    | grouped-query (n_kv_head <= n_head) |
 
 Attention always goes through `F.scaled_dot_product_attention` and is always causal: without a
@@ -181,6 +181,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.swiglu = cfg.arch == "llama"
+        self.gelu_approximate = cfg.gelu_approximate
         # SwiGLU's gate and up projections are fused into one matmul.
         up_out = 2 * cfg.d_ff if self.swiglu else cfg.d_ff
         self.up = nn.Linear(cfg.d_model, up_out, bias=cfg.bias)
@@ -193,7 +194,7 @@ class MLP(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
-            h = F.gelu(h, approximate="tanh")
+            h = F.gelu(h, approximate=self.gelu_approximate)
         return self.drop(self.down(h))  # (B, T, C)
 
 
