@@ -261,8 +261,15 @@ def test_eval_windows_cover_in_order(tmp_path: Path) -> None:
     assert ys.numel() == n_windows * T
     assert torch.equal(ys, torch.from_numpy(data.tokens[1 : 1 + n_windows * T].astype(np.int64)))
     assert all(x.shape[1] == T for x, _ in batches)
-    first = list(eval_windows(data, T, B, max_batches=2))
-    assert len(first) == 2 and all(torch.equal(a[0], b[0]) for a, b in zip(first, batches))
+    sample = list(eval_windows(data, T, B, max_batches=2))
+    again = list(eval_windows(data, T, B, max_batches=2))
+    assert len(sample) == 2 and all(torch.equal(a[0], b[0]) for a, b in zip(sample, again))
+    # The sample spreads over the split: its first window is the split's first, its last the last.
+    all_x = torch.cat([x for x, _ in batches])
+    picked = torch.cat([x for x, _ in sample])
+    assert picked.shape == (2 * B, T) and n_windows > 2 * B
+    assert torch.equal(picked[0], all_x[0]) and torch.equal(picked[-1], all_x[-1])
+    assert all(any(torch.equal(p, w) for w in all_x) for p in picked)
 
 
 def test_bad_inputs(tmp_path: Path) -> None:

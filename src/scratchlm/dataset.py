@@ -616,16 +616,19 @@ def sample_batch(
 def eval_windows(
     data: TokenData, context_length: int, batch_size: int, max_batches: int | None = None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Non-overlapping windows covering the split in order, `batch_size` per batch.
+    """Non-overlapping windows of the split, `batch_size` per batch.
 
     Window i predicts tokens i*T+1 .. i*T+T. The last batch may have fewer rows; the final
-    (n - 1) % T tokens that do not fill a window are left out. With `max_batches`, only the
-    first that many batches (the same ones every time, so evaluations compare).
+    (n - 1) % T tokens that do not fill a window are left out. Without `max_batches` the
+    windows cover the whole split in order. With it, max_batches * batch_size windows spread
+    evenly over the split: the same ones every time, so evaluations compare, and a fair sample
+    of the split rather than its beginning (which may be easier or harder than the rest).
     """
     _check_length(data, context_length)
     n_windows = (len(data) - 1) // context_length
     starts = np.arange(n_windows, dtype=np.int64) * context_length
-    for b, i in enumerate(range(0, n_windows, batch_size)):
-        if max_batches is not None and b >= max_batches:
-            return
+    if max_batches is not None and max_batches * batch_size < n_windows:
+        pick = np.linspace(0, n_windows - 1, max_batches * batch_size).round().astype(np.int64)
+        starts = starts[pick]
+    for i in range(0, len(starts), batch_size):
         yield _windows(data.tokens, starts[i : i + batch_size], context_length)

@@ -271,7 +271,7 @@ def evaluate(
     precision: str,
     device: torch.device,
 ) -> dict[str, float]:
-    """Mean validation loss over the deterministic windows of `eval_windows`.
+    """Mean validation loss over the deterministic (evenly spread) windows of `eval_windows`.
 
     Returns {"loss": nats per token, "tokens": targets counted, "perplexity", "bits_per_byte"}.
     Bits per byte = loss / ln 2 / (UTF-8 bytes per token of the split), comparable across
