@@ -570,3 +570,35 @@ def test_export_is_atomic_and_replaces_a_previous_export(work, runs, monkeypatch
     export_hf(runs["gpt2-nobias-untied"], out)  # a previous export may be replaced
     assert (out / "model.safetensors").read_bytes() != before
     assert not [p for p in work.iterdir() if p.name.startswith(".atomic-hf")]
+
+
+def test_fine_tune_an_imported_model(work, toks):
+    """import-hf -> prepare --tokenizer-file -> train --init-from starts from the HF weights."""
+    from scratchlm.cli import main
+    from scratchlm.train import evaluate_run
+
+    tok = Tokenizer.load(toks["bpe"])
+    src = _save_hf_model(work, "hf-src-finetune", _hf_configs(tok)["llama"], toks["bpe"], seed=3)
+    run = import_hf(src, work / "ft-imported")
+    corpus = work / "ft-corpus"
+    corpus.mkdir()
+    for i in range(6):
+        (corpus / f"doc{i}.txt").write_text(" ".join(CORPUS) * 3 + f" document {i}\n")
+    data = work / "ft-data"
+    assert main(["prepare", str(corpus), "--out", str(data), "--tokenizer-file",
+                 str(run / "tokenizer.json"), "--val-fraction", "0.3"]) == 0
+    out = work / "ft-run"
+    assert main(["train", "--data", str(data), "--out", str(out), "--init-from", str(run),
+                 "--set", "train.max_steps=2", "--set", "train.warmup_steps=0",
+                 "--set", "train.lr=1e-6", "--set", "train.min_lr=0", "--set", "train.batch_size=2",
+                 "--set", "train.precision=fp32", "--set", "train.eval_steps=1"]) == 0
+    before, after = load_file(str(run / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert set(before) == set(after)
+    # Two AdamW steps of lr 1e-6 move each weight by ~2e-6; a fresh init would differ by ~0.02.
+    assert max((before[k] - after[k]).abs().max().item() for k in before) < 1e-5
+    assert load_run(out)[2].model == load_run(run)[2].model
+    ref, new = evaluate_run(run, data), evaluate_run(out, data)
+    assert abs(ref["val_loss"] - new["val_loss"]) < 1e-3
+    # A data directory made with another tokenizer is refused, in one line.
+    assert main(["train", "--data", str(data), "--out", str(work / "ft-bad"), "--init-from",
+                 str(work / "nonexistent")]) == 2

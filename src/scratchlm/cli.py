@@ -56,7 +56,7 @@ def _cmd_prepare(a: argparse.Namespace) -> int:
     from scratchlm.dataset import prepare
 
     meta = prepare(a.inputs, a.out, tokenizer_kind=a.tokenizer, vocab_size=a.vocab_size,
-                   val_fraction=a.val_fraction, seed=a.seed)
+                   val_fraction=a.val_fraction, seed=a.seed, tokenizer_file=a.tokenizer_file)
     if a.json:
         print(json.dumps(meta))
     return 0
@@ -67,7 +67,8 @@ def _cmd_train(a: argparse.Namespace) -> int:
     from scratchlm.train import train
 
     cfg = load_run_config(a.preset, a.config, a.set)
-    train(cfg, data_dir=a.data, out_dir=a.out, resume=a.resume, stop_at=a.stop_at)
+    train(cfg, data_dir=a.data, out_dir=a.out, resume=a.resume, stop_at=a.stop_at,
+          init_from=a.init_from)
     return 0
 
 
@@ -204,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vocab-size", type=int, default=4096)
     s.add_argument("--val-fraction", type=float, default=0.1)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--tokenizer-file", metavar="TOKENIZER_JSON",
+                   help="reuse this tokenizer (e.g. RUN/tokenizer.json, to fine-tune that run)")
     s.add_argument("--json", action="store_true", help="print meta.json")
     s.set_defaults(func=_cmd_prepare)
 
@@ -215,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     s.add_argument("--resume", action="store_true", help="continue from the run directory")
     s.add_argument("--stop-at", type=int, help="stop (with a checkpoint) at this step")
+    s.add_argument("--init-from", metavar="RUN_DIR",
+                   help="start from another run's weights and model config (fine-tuning)")
     s.set_defaults(func=_cmd_train)
 
     s = sub.add_parser("eval", help="loss, perplexity and bits per byte on the validation split")

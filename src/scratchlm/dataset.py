@@ -292,6 +292,7 @@ def prepare(
     val_fraction: float = 0.1,
     seed: int = 0,
     *,
+    tokenizer_file: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> dict:
     """Tokenize `inputs` into DATA_DIR `out_dir`; return the meta written to `meta.json`.
@@ -305,6 +306,9 @@ def prepare(
         vocab_size: BPE vocabulary size including the 2 special tokens; at least 258.
         val_fraction: share of documents (or, for a single document, of its tokens) for validation.
         seed: seeds the document-to-split hash.
+        tokenizer_file: reuse this `tokenizer.json` (e.g. `RUN_DIR/tokenizer.json` of an imported
+            or trained model, to fine-tune it) instead of training one; `tokenizer_kind` and
+            `vocab_size` are then ignored.
         progress: show tqdm bars on stderr.
 
     Example:
@@ -329,8 +333,9 @@ def prepare(
 
     skips = _Skips()  # filled by pass 1; pass 2 meets the same files and does not recount
     scan = _Scan()
+    given = Tokenizer.load(tokenizer_file) if tokenizer_file is not None else None
     tok = _scan_and_train(_iter_pieces(paths, out, skips), scan, tokenizer_kind, vocab_size, seed,
-                          val_fraction, progress)
+                          val_fraction, progress, given)
     if tok is None or scan.documents == 0:
         why = f" (skipped: {skips.summary()})" if skips.counts else ""
         raise UserError(
@@ -405,7 +410,7 @@ def prepare(
 
 def _scan_and_train(
     pieces: Iterator[_Piece], scan: _Scan, kind: str, vocab_size: int, seed: int,
-    val_fraction: float, progress: bool,
+    val_fraction: float, progress: bool, given: Tokenizer | None = None,
 ) -> Tokenizer | None:
     """Pass 1: stream every piece into the tokenizer trainer, filling `scan` on the way.
 
@@ -428,6 +433,10 @@ def _scan_and_train(
 
     with tqdm(desc="prepare: tokenizer", unit="B", unit_scale=True, file=sys.stderr,
               disable=not progress, delay=_BAR_DELAY_S) as bar:
+        if given is not None:  # scan only: the split statistics still come from this pass
+            for _ in texts():
+                pass
+            return given
         try:
             return train_char(texts()) if kind == "char" else train_bpe(texts(), vocab_size)
         except UserError:

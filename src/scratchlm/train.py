@@ -45,6 +45,7 @@ from scratchlm.dataset import TokenData, eval_windows, load_meta, sample_batch
 from scratchlm.errors import UserError
 from scratchlm.model import Transformer
 from scratchlm.schedules import lr_at
+from scratchlm.tokenizer import Tokenizer
 
 LN2 = math.log(2.0)
 
@@ -321,7 +322,8 @@ def _check_same_tokenizer(run_tok: Path, data_tok: Path) -> None:
         raise UserError(f"{run_tok.parent} has no tokenizer.json: the run is incomplete")
     if not data_tok.is_file():
         raise UserError(f"{data_tok.parent} has no tokenizer.json; run `scratchlm prepare` again")
-    if run_tok.read_bytes() != data_tok.read_bytes():
+    # Compared as loaded tokenizers: the same vocabulary and rules, whatever the JSON layout.
+    if Tokenizer.load(run_tok).to_str() != Tokenizer.load(data_tok).to_str():
         raise UserError(
             f"the run's tokenizer ({run_tok}) differs from the data's ({data_tok}); use the "
             "data directory the run was trained on, or prepare data with that tokenizer"
@@ -418,6 +420,7 @@ def train(
     out_dir: str | Path,
     resume: bool = False,
     stop_at: int | None = None,
+    init_from: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train a model on DATA_DIR into RUN_DIR; returns the last metrics (step, loss, val_loss...).
 
@@ -428,12 +431,22 @@ def train(
         resume: continue RUN_DIR's latest checkpoint exactly (same config required).
         stop_at: stop after this optimizer step, with a checkpoint; the schedule still runs to
             `max_steps`, so resuming later continues the same curve.
+        init_from: start a new run from another run's weights (fine-tuning, e.g. after
+            `scratchlm import-hf`): its model config is used, and DATA_DIR must have been
+            prepared with its tokenizer (`scratchlm prepare --tokenizer-file RUN/tokenizer.json`).
     """
     t_start = time.perf_counter()
     # --- setup: processes, device, data, config ---------------------------------------------
     tcfg = cfg.train
     data_dir, out = Path(data_dir), Path(out_dir)
     meta = load_meta(data_dir)
+    if init_from is not None:
+        if resume:
+            raise UserError("--init-from starts a new run from another's weights and --resume "
+                            "continues this one; use one of them")
+        init_from = Path(init_from)
+        cfg = dataclasses.replace(cfg, model=ckpt.read_run_config(init_from)[0].model)
+        _check_same_tokenizer(init_from / "tokenizer.json", data_dir / "tokenizer.json")
     train_data, val_data = TokenData(data_dir, "train"), TokenData(data_dir, "val")
     if stop_at is not None and not 1 <= stop_at <= tcfg.max_steps:
         raise UserError(
@@ -478,6 +491,9 @@ def train(
     model = Transformer(mcfg)
     if source is not None:
         ckpt.load_weights(model, source / "model.safetensors")
+    elif init_from is not None:
+        ckpt.load_weights(model, init_from / "model.safetensors")
+        _say(f"initialised from {init_from}", dist_info)
     model.to(device).train()
     optimizer = configure_optimizer(model, tcfg, device.type)
     scaler = torch.amp.GradScaler("cuda", enabled=tcfg.precision == "fp16")
