@@ -33,7 +33,7 @@ import torch
 from scratchlm.config import RunConfig, load_run_config
 from scratchlm.errors import UserError
 from scratchlm.model import Transformer
-from scratchlm.train import attention_kernel, autocast_context, configure_optimizer
+from scratchlm.train import autocast_context, configure_optimizer
 
 # ../shared/REFERENCE_FIGURES.md: 2 threads, 2048x2048, torch 2.13 CPU (bf16: median figure).
 REFERENCE_PEAK_GFLOPS = {"fp32": 205.0, "bf16": 786.0}
@@ -148,10 +148,9 @@ class _TrainVariant:
         """One optimizer step (forward, backward, clip, AdamW); returns its wall time and records
         the process's CPU time (all threads), which a busy machine inflates less than wall time."""
         t0, c0 = time.perf_counter(), time.process_time()
-        # The trainer's own autocast and attention-kernel choice; bf16-master needs no autocast.
+        # The trainer's own autocast; bf16-master needs none.
         mixed = "bf16" if self.base == "bf16" else "fp32"
-        kernel = attention_kernel(self.base.removesuffix("-master"), "cpu", x.shape[1])
-        with autocast_context(mixed, "cpu"), kernel:
+        with autocast_context(mixed, "cpu"):
             _, loss = self.forward(x, y)
         loss.backward()
         if self.master is not None:

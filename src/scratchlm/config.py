@@ -58,7 +58,10 @@ class ModelConfig:
     context_length: int = 256
     """Longest sequence the model attends over (positions 0..context_length-1)."""
     dropout: float = 0.0
-    """Dropout on attention weights and residual branches during training."""
+    """Dropout on the embeddings and residual branches during training."""
+    attn_dropout: float = 0.0
+    """Dropout on attention probabilities. Off by default: with it, torch's CPU attention falls
+    back to materialising every (T, T) score matrix (a bf16 `small` step: 11.3 s vs 6.8 s)."""
     bias: bool = True
     """Biases in linear layers and LayerNorm (gpt2 uses them; llama does not)."""
     tie_embeddings: bool = True
@@ -94,8 +97,9 @@ class ModelConfig:
             raise UserError(f"llama needs an even head size for RoPE, got {self.head_dim}")
         if self.gelu_approximate not in ("none", "tanh"):
             raise UserError(f"model.gelu_approximate must be none or tanh, got {self.gelu_approximate!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        for name in ("dropout", "attn_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise UserError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
 
     @property
     def head_dim(self) -> int:

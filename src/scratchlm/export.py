@@ -115,7 +115,7 @@ def hf_config(mc: ModelConfig, tokenizer: Tokenizer) -> dict[str, Any]:
             "activation_function": "gelu_new" if mc.gelu_approximate == "tanh" else "gelu",
             "resid_pdrop": mc.dropout,
             "embd_pdrop": mc.dropout,
-            "attn_pdrop": mc.dropout,
+            "attn_pdrop": mc.attn_dropout,
             "scale_attn_weights": True,
             "scale_attn_by_inverse_layer_idx": False,
             "reorder_and_upcast_attn": False,
@@ -139,7 +139,7 @@ def hf_config(mc: ModelConfig, tokenizer: Tokenizer) -> dict[str, Any]:
         "rope_scaling": None,
         "attention_bias": mc.bias,
         "mlp_bias": mc.bias,
-        "attention_dropout": mc.dropout,
+        "attention_dropout": mc.attn_dropout,
         "pretraining_tp": 1,
         "initializer_range": 0.02,
     }
@@ -502,7 +502,8 @@ def model_config_from_hf(h: dict[str, Any]) -> ModelConfig:
         return _model_config(
             arch="gpt2", vocab_size=h.get("vocab_size", 50257), n_layer=h.get("n_layer", 12),
             n_head=h.get("n_head", 12), d_model=d, d_ff=h.get("n_inner") or 4 * d,
-            context_length=h.get("n_positions", 1024), dropout=h.get("resid_pdrop", 0.0), bias=True,
+            context_length=h.get("n_positions", 1024), dropout=h.get("resid_pdrop", 0.0),
+            attn_dropout=h.get("attn_pdrop", 0.0), bias=True,
             tie_embeddings=h.get("tie_word_embeddings", True),
             norm_eps=h.get("layer_norm_epsilon", 1e-5), gelu_approximate=approximations[act],
         )
@@ -526,7 +527,7 @@ def model_config_from_hf(h: dict[str, Any]) -> ModelConfig:
         n_head=n_head, n_kv_head=h.get("num_key_value_heads") or n_head, d_model=d,
         d_ff=h.get("intermediate_size", 11008),
         context_length=h.get("max_position_embeddings", 2048),
-        dropout=h.get("attention_dropout", 0.0), bias=bias,
+        attn_dropout=h.get("attention_dropout", 0.0), bias=bias,
         tie_embeddings=h.get("tie_word_embeddings", False), norm_eps=h.get("rms_norm_eps", 1e-6),
         rope_theta=theta or h.get("rope_theta", 10000.0),
     )

@@ -132,24 +132,6 @@ def autocast_context(precision: str, device_type: str) -> contextlib.AbstractCon
     return torch.autocast(device_type, dtype=dtype)
 
 
-def attention_kernel(
-    precision: str, device_type: str, context_length: int
-) -> contextlib.AbstractContextManager:
-    """The scaled-dot-product-attention kernel for training: the math one (matmul + softmax) for
-    bf16 on CPU at short contexts, else torch's choice (flash).
-
-    Measured on the 2-core CPU, torch 2.13, forward + backward of causal attention in bf16:
-    at T = 64, head size 32 the flash kernel takes 5.8 ms and the math one 2.1 ms (fp32 flash:
-    1.4 ms); at T = 128 13.8 vs 7.2 ms; at T = 256 flash wins (16.7 vs 19.0 ms), at T = 1024 by
-    3x. Numerically both are the same attention; causality is unchanged (is_causal=True).
-    """
-    if precision == "bf16" and device_type == "cpu" and context_length <= 128:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        return sdpa_kernel([SDPBackend.MATH])
-    return contextlib.nullcontext()
-
-
 def configure_optimizer(
     model: torch.nn.Module, tcfg: TrainConfig, device_type: str = "cpu"
 ) -> torch.optim.AdamW:
@@ -562,7 +544,7 @@ def train(
     tokens_seen = 0  # targets since the last log line (global)
     t_log = time.perf_counter()
     step = start_step
-    with StopSignal() as stop, attention_kernel(tcfg.precision, device.type, T):
+    with StopSignal() as stop:
         while step < end_step:
             lr = lr_at(step + 1, tcfg)  # update number step+1 of max_steps
             for group in optimizer.param_groups:
