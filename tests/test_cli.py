@@ -23,3 +23,26 @@ def test_user_error_is_one_line_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_generate_errors_print_nothing_to_stdout(tmp_path, capsys):
+    """A bad prompt is reported before the prompt is echoed: stdout stays empty."""
+    import torch
+
+    from scratchlm.checkpoint import write_run
+    from scratchlm.config import ModelConfig, RunConfig
+    from scratchlm.model import Transformer
+    from scratchlm.tokenizer import train_char
+
+    tok = train_char(["hello world"])
+    tok.save(tmp_path / "tok.json")
+    cfg = RunConfig(model=ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=16,
+                                      context_length=16))
+    torch.manual_seed(0)
+    write_run(tmp_path / "run", Transformer(cfg.model), cfg, tmp_path / "tok.json")
+    for args in (["--prompt", "Zebra"], ["--prompt", "hello", "--max-new-tokens", "50"]):
+        assert main(["generate", str(tmp_path / "run"), *args]) == 2
+        out = capsys.readouterr()
+        assert out.out == "" and out.err.startswith("error: ")
+    assert main(["generate", str(tmp_path / "run"), "--prompt", "hello", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.startswith("hello")

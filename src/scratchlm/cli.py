@@ -88,7 +88,7 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     import dataclasses
 
     from scratchlm.checkpoint import load_run
-    from scratchlm.generate import SamplingConfig, generate_text
+    from scratchlm.generate import SamplingConfig, check_fits, generate_text
 
     sampling = SamplingConfig(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                               min_p=a.min_p, repetition_penalty=a.repetition_penalty)
@@ -99,6 +99,8 @@ def _cmd_generate(a: argparse.Namespace) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
+    for p in a.prompt:  # every prompt checked before anything is printed
+        check_fits(len(tokenizer.encode(p)), a.max_new_tokens, model.cfg.context_length)
     if stream:
         sys.stdout.write(a.prompt[0])
     results = generate_text(model, tokenizer, a.prompt, a.max_new_tokens, sampling, stop=a.stop,
