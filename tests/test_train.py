@@ -312,3 +312,18 @@ def test_short_bf16_attention_in_fp32_keeps_the_loss() -> None:
     with train_mod.autocast_context("bf16", "cpu"):
         _, bf16 = model(x, x)
     torch.testing.assert_close(bf16, fp32, rtol=2e-2, atol=2e-2)
+
+
+def test_cli_resume_without_flags_reuses_the_runs_config(data_dir: Path, tmp_path: Path) -> None:
+    """`scratchlm train --data D --out R --resume` (as the README shows) needs no original flags;
+    `--set` on top changes what it names, e.g. a longer horizon."""
+    run = tmp_path / "run"
+    sets = [a for item in TINY for a in ("--set", item)]
+    assert cli.main(["train", "--data", str(data_dir), "--out", str(run), *sets,
+                     "--set", "train.max_steps=12", "--set", "train.eval_interval=6",
+                     "--stop-at", "6"]) == 0
+    assert cli.main(["train", "--data", str(data_dir), "--out", str(run), "--resume"]) == 0
+    assert metrics(run)[-1]["step"] == 12
+    assert cli.main(["train", "--data", str(data_dir), "--out", str(run), "--resume",
+                     "--set", "train.max_steps=14"]) == 0
+    assert metrics(run)[-1]["step"] == 14

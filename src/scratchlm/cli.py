@@ -66,7 +66,12 @@ def _cmd_train(a: argparse.Namespace) -> int:
     from scratchlm.config import load_run_config
     from scratchlm.train import train
 
-    cfg = load_run_config(a.preset, a.config, a.set)
+    base = None
+    if a.resume and a.preset is None and a.config is None:
+        from scratchlm.checkpoint import read_run_config
+
+        base = read_run_config(a.out)[0]  # resuming continues the run's own settings
+    cfg = load_run_config(a.preset, a.config, a.set, base=base)
     train(cfg, data_dir=a.data, out_dir=a.out, resume=a.resume, stop_at=a.stop_at,
           init_from=a.init_from)
     return 0

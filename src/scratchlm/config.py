@@ -305,9 +305,11 @@ def load_run_config(
     preset: str | None = None,
     config_file: str | Path | None = None,
     overrides: list[str] | None = None,
+    base: RunConfig | None = None,
 ) -> RunConfig:
-    """Defaults <- preset <- TOML file <- `--set section.key=value` overrides, in that order."""
-    merged: dict[str, dict[str, Any]] = {"model": {}, "train": {}}
+    """Defaults (or `base`, e.g. a run's saved config) <- preset <- TOML file <- `--set
+    section.key=value` overrides, in that order."""
+    merged: dict[str, dict[str, Any]] = base.to_dict() if base else {"model": {}, "train": {}}
     if preset is not None:
         if preset not in PRESETS:
             raise UserError(
