@@ -327,3 +327,22 @@ def test_cli_resume_without_flags_reuses_the_runs_config(data_dir: Path, tmp_pat
     assert cli.main(["train", "--data", str(data_dir), "--out", str(run), "--resume",
                      "--set", "train.max_steps=14"]) == 0
     assert metrics(run)[-1]["step"] == 14
+
+
+def test_bf16_master_trains_like_autocast_saves_fp32_and_resumes_exactly(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """bf16 weights + fp32 master copy: close to the autocast trajectory, fp32 checkpoints, and
+    exact resume (the bf16 compute weights are always re-derived from the saved master)."""
+    extra = ("train.max_steps=30", "train.eval_interval=15")
+    master = tiny(*extra, "train.precision=bf16-master")
+    train(master, data_dir, tmp_path / "master")
+    train(tiny(*extra, "train.precision=bf16"), data_dir, tmp_path / "autocast")
+    a, b = metrics(tmp_path / "master"), metrics(tmp_path / "autocast")
+    assert a[-1]["loss"] < a[0]["loss"] - 0.5  # it learns
+    assert abs(a[-1]["val_loss"] - b[-1]["val_loss"]) < 0.1
+    weights = load_file(tmp_path / "master" / "model.safetensors")
+    assert all(w.dtype == torch.float32 for w in weights.values())
+    train(master, data_dir, tmp_path / "split", stop_at=15)
+    train(master, data_dir, tmp_path / "split", resume=True)
+    assert [r["loss"] for r in metrics(tmp_path / "split")] == [r["loss"] for r in a]
