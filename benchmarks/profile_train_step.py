@@ -3,7 +3,7 @@
     python benchmarks/profile_train_step.py --batch 16 fp32 bf16 bf16:no-attn-dropout bf16-master:no-attn-dropout
 
 Each variant is a `scratchlm.bench` training variant (fp32, bf16 autocast, bf16-master, +compile)
-of the `small` preset, optionally with `:no-attn-dropout` (Attention.dropout set to 0 on the
+of the `small` preset, optionally with `:no-attn-dropout` (Attention.attn_dropout set to 0 on the
 modules, residual dropout kept: what the flash-attention kernel on CPU needs). One warm-up step,
 then one profiled step; prints the top ops by self CPU time. The table in docs/performance.md
 ("Where the time of a training step goes") comes from this script.
@@ -41,7 +41,7 @@ def main() -> None:
         if option == "no-attn-dropout":
             for m in v.model.modules():
                 if isinstance(m, Attention):
-                    m.dropout = 0.0
+                    m.attn_dropout = 0.0
         for _ in range(2 if compiled else 1):
             v.step(x, y)
         with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -5,7 +5,7 @@
 Arguments: batch size, timed steps, comma list of variants. A variant is a `scratchlm bench train`
 precision (fp32, bf16, bf16-master, +compile) with options after `~`, which patch the model
 *without editing model.py* to measure a proposed change:
-- `nad`: no dropout on the attention probabilities (Attention.dropout = 0; residual dropout kept),
+- `nad`: no dropout on the attention probabilities (Attention.attn_dropout = 0, now the default; residual dropout kept),
   so CPU SDPA can use its flash kernel;
 - `f32attn`: run scaled_dot_product_attention in fp32 when q is bf16 (cast in, cast out);
 - `res`: cast the residual stream to bf16 after the embeddings (under autocast).
@@ -56,7 +56,7 @@ def main() -> None:
         if "nad" in parts:
             for mod in v.model.modules():
                 if isinstance(mod, M.Attention):
-                    mod.dropout = 0.0
+                    mod.attn_dropout = 0.0
         if "res" in parts:
             v.model.drop = torch.nn.Sequential(CastBF16(), v.model.drop)
         vs.append(v)

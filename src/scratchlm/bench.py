@@ -33,7 +33,7 @@ import torch
 from scratchlm.config import RunConfig, load_run_config
 from scratchlm.errors import UserError
 from scratchlm.model import Transformer
-from scratchlm.train import autocast_context, configure_optimizer
+from scratchlm.train import MasterWeights, autocast_context, configure_optimizer
 
 # ../shared/REFERENCE_FIGURES.md: 2 threads, 2048x2048, torch 2.13 CPU (bf16: median figure).
 REFERENCE_PEAK_GFLOPS = {"fp32": 205.0, "bf16": 786.0}
@@ -129,15 +129,11 @@ class _TrainVariant:
 
     def __init__(self, label: str, base: str, compiled: bool, init: Transformer, tcfg) -> None:
         self.label, self.base, self.compiled, self.tcfg = label, base, compiled, tcfg
-        self.model = copy.deepcopy(init).train()
-        self.master = None
-        if base == "bf16-master":
-            # fp32 master weights live in a shadow copy; the working model is all bf16.
-            self.master = copy.deepcopy(init).train()
-            self.model.to(torch.bfloat16)
-            self.opt = configure_optimizer(self.master, tcfg, "cpu")
-        else:
-            self.opt = configure_optimizer(self.model, tcfg, "cpu")
+        # The trainer's own pieces: optimizer, and for bf16-master its MasterWeights.
+        self.weights = copy.deepcopy(init).train()  # what the optimizer updates
+        self.master = MasterWeights(self.weights) if base == "bf16-master" else None
+        self.model = self.master.compute if self.master is not None else self.weights
+        self.opt = configure_optimizer(self.weights, tcfg, "cpu")
         self.forward = torch.compile(self.model) if compiled else self.model
         self.times: list[float] = []
         self.cpu_times: list[float] = []
@@ -148,24 +144,17 @@ class _TrainVariant:
         """One optimizer step (forward, backward, clip, AdamW); returns its wall time and records
         the process's CPU time (all threads), which a busy machine inflates less than wall time."""
         t0, c0 = time.perf_counter(), time.process_time()
-        # The trainer's own autocast; bf16-master needs none.
-        mixed = "bf16" if self.base == "bf16" else "fp32"
-        with autocast_context(mixed, "cpu"):
+        with autocast_context(self.base, "cpu"):  # a no-op for fp32 and bf16-master
             _, loss = self.forward(x, y)
         loss.backward()
         if self.master is not None:
-            for w, p in zip(self.master.parameters(), self.model.parameters()):
-                w.grad = p.grad.float()
-                p.grad = None
-        params = (self.model if self.master is None else self.master).parameters()
+            self.master.grads_to_master()
         if self.tcfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, self.tcfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.weights.parameters(), self.tcfg.grad_clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         if self.master is not None:
-            with torch.no_grad():
-                for w, p in zip(self.master.parameters(), self.model.parameters()):
-                    p.copy_(w)
+            self.master.weights_from_master()
         self.losses.append(loss.item())
         self.cpu_times.append(time.process_time() - c0)
         return time.perf_counter() - t0
