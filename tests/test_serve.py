@@ -16,7 +16,8 @@ from scratchlm.checkpoint import write_run
 from scratchlm.config import ModelConfig, RunConfig
 from scratchlm.generate import SamplingConfig, generate_text
 from scratchlm.model import Transformer
-from scratchlm.serve import CHAT_STOP, create_app, render_chat, running_server, serve
+from scratchlm.api import CHAT_STOP, render_chat
+from scratchlm.serve import create_app, running_server, serve
 from scratchlm.tokenizer import train_char
 
 openai = pytest.importorskip("openai")

@@ -10,7 +10,7 @@ Driven by `scratchlm serve RUN_DIR [--host 127.0.0.1] [--port 8000] [--max-batch
 | GET  /health               | liveness, model name, running and waiting requests            |
 | GET  /v1/models            | the one served model                                          |
 | POST /v1/completions       | text completion; `stream: true` for server-sent events        |
-| POST /v1/chat/completions  | chat, rendered with `render_chat` (below); `stream: true` too |
+| POST /v1/chat/completions  | chat, rendered with `api.render_chat`; `stream: true` too      |
 | GET  /metrics              | Prometheus text: requests, tokens, queue depth, latencies     |
 
 All generation goes through `scratchlm.engine.Engine` (continuous batching over
@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import os
 import secrets
 import socket
@@ -35,7 +34,6 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Any
 
 from scratchlm.errors import UserError
 
@@ -48,6 +46,19 @@ except ImportError as e:  # the server is an optional extra
     raise UserError(f"serving needs FastAPI and uvicorn ({e.name} is missing): "
                     "pip install 'scratchlm[serve]'") from None
 
+from scratchlm.api import (
+    CHAT_ROLES,
+    CHAT_STOP,
+    APIError,
+    CountRequests,
+    Metrics,
+    ParsedRequest,
+    bad_request,
+    number_param,
+    reject_unsupported,
+    render_chat,
+    stop_list,
+)
 from scratchlm.engine import Engine, EngineClosed, EventStream, GenerationParams, QueueFull
 from scratchlm.generate import SamplingConfig
 
@@ -60,211 +71,6 @@ STREAM_INTERVAL = 0.02
 arrive meanwhile for the next chunk. The first chunk is never delayed. Fewer, larger writes
 leave more CPU to decoding when many clients stream (set SCRATCHLM_STREAM_INTERVAL=0 for one
 chunk per token)."""
-
-# --- the chat template -----------------------------------------------------------------------
-
-CHAT_ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
-CHAT_STOP = "\nUser:"
-"""Generation stops here: a base model would otherwise go on to write the user's next turn."""
-
-
-def render_chat(messages: list[dict[str, str]]) -> str:
-    """The chat template for base models: one line per message, then the assistant's cue.
-
-    >>> render_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
-    'System: Be brief.\\nUser: Hi\\nAssistant:'
-
-    The reply is what the model writes after "Assistant:", up to the first "\\nUser:" (a stop
-    string) or end-of-text, with its leading whitespace removed.
-    """
-    lines = [f"{CHAT_ROLES[m['role']]}: {m['content']}" for m in messages]
-    return "\n".join(lines + ["Assistant:"])
-
-
-# --- errors ----------------------------------------------------------------------------------
-
-
-class APIError(Exception):
-    """An HTTP error with OpenAI's body: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
-
-
-def _bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
-    return APIError(400, message, "invalid_request_error", param, code)
-
-
-# --- metrics ---------------------------------------------------------------------------------
-
-
-class Histogram:
-    """A Prometheus histogram (cumulative buckets, sum, count), rendered as text."""
-
-    def __init__(self, name: str, help: str, buckets: tuple[float, ...]) -> None:
-        self.name, self.help, self.buckets = name, help, buckets
-        self.counts = [0] * len(buckets)
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value: float) -> None:
-        self.sum += value
-        self.count += 1
-        for i, le in enumerate(self.buckets):
-            if value <= le:
-                self.counts[i] += 1
-
-    def render(self) -> list[str]:
-        out = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
-        for le, n in zip(self.buckets, self.counts):
-            out.append(f'{self.name}_bucket{{le="{le:g}"}} {n}')
-        out += [f'{self.name}_bucket{{le="+Inf"}} {self.count}',
-                f"{self.name}_sum {self.sum:.6f}", f"{self.name}_count {self.count}"]
-        return out
-
-
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-
-
-class Metrics:
-    """Counters and histograms of the API (updated on the event loop; no locks needed)."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.requests: dict[tuple[str, int], int] = {}
-        self.latency = Histogram("scratchlm_request_latency_seconds",
-                                 "Time from receiving a generation request to its last token.",
-                                 _LATENCY_BUCKETS)
-        self.ttft = Histogram("scratchlm_time_to_first_token_seconds",
-                              "Time from queueing a sequence to its first new token.", _LATENCY_BUCKETS)
-        self.tpot = Histogram("scratchlm_time_per_output_token_seconds",
-                              "Mean time between a sequence's new tokens after the first.",
-                              (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0))
-
-    def count_request(self, endpoint: str, status: int) -> None:
-        key = (endpoint, status)
-        self.requests[key] = self.requests.get(key, 0) + 1
-
-    def observe_sequence(self, req) -> None:
-        """Timings of one finished engine request."""
-        if req.t_first_token is None:
-            return
-        self.ttft.observe(req.t_first_token - req.t_submit)
-        if req.t_done is not None and len(req.tokens) > 1:
-            self.tpot.observe((req.t_done - req.t_first_token) / (len(req.tokens) - 1))
-
-    def render(self) -> str:
-        e = self.engine
-        out = ["# HELP scratchlm_requests_total HTTP API requests by endpoint and status code.",
-               "# TYPE scratchlm_requests_total counter"]
-        for (endpoint, status), n in sorted(self.requests.items()):
-            out.append(f'scratchlm_requests_total{{endpoint="{endpoint}",status="{status}"}} {n}')
-        for name, kind, help, value in (
-            ("scratchlm_prompt_tokens_total", "counter", "Prompt tokens prefilled.", e.prompt_tokens_total),
-            ("scratchlm_generation_tokens_total", "counter", "New tokens generated.",
-             e.generation_tokens_total),
-            ("scratchlm_decode_steps_total", "counter", "Batched decode steps run.", e.steps_total),
-            ("scratchlm_queue_depth", "gauge", "Requests waiting for a slot.", e.queue_depth),
-            ("scratchlm_running_requests", "gauge", "Requests holding a slot.", e.running),
-            ("scratchlm_max_batch", "gauge", "Slots (sequences decoded together).", e.max_batch),
-            ("scratchlm_max_queue", "gauge", "Waiting requests allowed before 429.", e.max_queue),
-        ):
-            out += [f"# HELP {name} {help}", f"# TYPE {name} {kind}", f"{name} {value}"]
-        for h in (self.latency, self.ttft, self.tpot):
-            out += h.render()
-        return "\n".join(out) + "\n"
-
-
-class _CountRequests:
-    """ASGI middleware: count /v1 responses by endpoint and status (streams included)."""
-
-    def __init__(self, app, metrics: Metrics) -> None:
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
-            await self.app(scope, receive, send)
-            return
-
-        async def counting_send(message) -> None:
-            if message["type"] == "http.response.start":
-                self.metrics.count_request(scope["path"], message["status"])
-            await send(message)
-
-        await self.app(scope, receive, counting_send)
-
-
-# --- request validation ----------------------------------------------------------------------
-
-
-def _number(data: dict, name: str, default, lo: float, hi: float, integer: bool = False,
-            lo_open: bool = False):
-    value = data.get(name)
-    if value is None:
-        return default
-    kind = "an integer" if integer else "a number"
-    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
-        raise _bad(f"'{name}' must be {kind}, got {json.dumps(value)}", name)
-    if isinstance(value, float) and not math.isfinite(value):
-        raise _bad(f"'{name}' must be finite, got {value}", name)
-    if value < lo or value > hi or (lo_open and value == lo):
-        low = f"> {lo:g}" if lo_open else f">= {lo:g}"
-        raise _bad(f"'{name}' must be {low} and <= {hi:g}, got {value}", name)
-    return value
-
-
-def _stop_list(data: dict) -> list[str]:
-    stop = data.get("stop")
-    if stop is None:
-        return []
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-        raise _bad("'stop' must be a string or a list of strings", "stop")
-    if len(stop) > 4:
-        raise _bad(f"'stop' takes at most 4 strings, got {len(stop)}", "stop")
-    return [s for s in stop if s]
-
-
-def _reject_unsupported(data: dict, chat: bool) -> None:
-    """Fields we do not implement: refuse clearly rather than silently ignore."""
-    for name in ("presence_penalty", "frequency_penalty"):
-        if data.get(name) not in (None, 0, 0.0):
-            raise _bad(f"'{name}' is not supported; use 'repetition_penalty' (> 1 discourages "
-                       "repeats)", name)
-    if data.get("logit_bias"):
-        raise _bad("'logit_bias' is not supported", "logit_bias")
-    if data.get("logprobs") not in (None, False, 0) or data.get("top_logprobs"):
-        raise _bad("'logprobs' is not supported", "logprobs")
-    if chat:
-        for name in ("tools", "functions", "tool_choice", "function_call"):
-            if data.get(name):
-                raise _bad(f"'{name}' is not supported: this is a base model without tool calling", name)
-        fmt = data.get("response_format")
-        if fmt not in (None, {"type": "text"}):
-            raise _bad("only response_format {\"type\": \"text\"} is supported", "response_format")
-    else:
-        if data.get("suffix"):
-            raise _bad("'suffix' (insertion) is not supported", "suffix")
-        if data.get("best_of") not in (None, 1) and data.get("best_of") != data.get("n", 1):
-            raise _bad("'best_of' other than n is not supported", "best_of")
-
-
-class _Parsed:
-    """A validated generation request."""
-
-    def __init__(self, prompts: list[list[int]], params: list[GenerationParams], n: int,
-                 stream: bool, include_usage: bool, prompt_texts: list[str], echo: bool) -> None:
-        self.prompts, self.params, self.n = prompts, params, n
-        self.stream, self.include_usage = stream, include_usage
-        self.prompt_texts, self.echo = prompt_texts, echo
-
 
 # --- the app ---------------------------------------------------------------------------------
 
@@ -298,12 +104,12 @@ class _Server:
         try:
             data = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise _bad(f"the request body is not valid JSON: {e}", None, "invalid_json") from None
+            raise bad_request(f"the request body is not valid JSON: {e}", None, "invalid_json") from None
         if not isinstance(data, dict):
-            raise _bad("the request body must be a JSON object", None, "invalid_json")
+            raise bad_request("the request body must be a JSON object", None, "invalid_json")
         model = data.get("model")
         if model is not None and model != self.model_name:
-            raise _bad(f"model {model!r} does not exist; this server serves {self.model_name!r} "
+            raise bad_request(f"model {model!r} does not exist; this server serves {self.model_name!r} "
                        "(see GET /v1/models)", "model", "model_not_found")
         return data
 
@@ -311,16 +117,16 @@ class _Server:
         try:
             return self.tokenizer.encode(text)
         except UserError as e:  # e.g. a character the char tokenizer never saw
-            raise _bad(f"cannot tokenize '{param}': {e}", param) from None
+            raise bad_request(f"cannot tokenize '{param}': {e}", param) from None
 
     def parse(self, data: dict, prompts: list[list[int]], prompt_param: str, default_max: int | None,
-              extra_stop: list[str], prompt_texts: list[str]) -> _Parsed:
-        _reject_unsupported(data, chat=prompt_param == "messages")
+              extra_stop: list[str], prompt_texts: list[str]) -> ParsedRequest:
+        reject_unsupported(data, chat=prompt_param == "messages")
         for p in prompts:
             if not p:
-                raise _bad(f"'{prompt_param}' is empty: give at least one token of text", prompt_param)
+                raise bad_request(f"'{prompt_param}' is empty: give at least one token of text", prompt_param)
             if len(p) >= self.context_length:
-                raise _bad(f"the prompt is {len(p)} tokens, but this model's context is "
+                raise bad_request(f"the prompt is {len(p)} tokens, but this model's context is "
                            f"{self.context_length} tokens (and at least one new token must fit)",
                            prompt_param, "context_length_exceeded")
         max_tokens = data.get("max_tokens")
@@ -330,34 +136,34 @@ class _Server:
         if max_tokens is None:
             max_tokens = self.context_length - longest if default_max is None else default_max
             max_tokens = min(max_tokens, self.context_length - longest)
-        max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", None, 1, 1e12, integer=True)
+        max_tokens = number_param({"max_tokens": max_tokens}, "max_tokens", None, 1, 1e12, integer=True)
         if longest + max_tokens > self.context_length:
-            raise _bad(f"this model's context is {self.context_length} tokens, but the request asks "
+            raise bad_request(f"this model's context is {self.context_length} tokens, but the request asks "
                        f"for {longest + max_tokens} ({longest} in the prompt, {max_tokens} in the "
                        "completion); shorten the prompt or lower max_tokens", "max_tokens",
                        "context_length_exceeded")
-        temperature = _number(data, "temperature", 1.0, 0.0, 2.0)
-        top_p = _number(data, "top_p", None, 0.0, 1.0, lo_open=True)
-        top_k = _number(data, "top_k", None, -1, self.tokenizer.vocab_size, integer=True)
-        min_p = _number(data, "min_p", None, 0.0, 1.0)
-        rep = _number(data, "repetition_penalty", 1.0, 0.0, 10.0, lo_open=True)
-        n = _number(data, "n", 1, 1, self.engine.max_batch, integer=True)
-        seed = _number(data, "seed", None, -(2**63), 2**63 - 1, integer=True)
+        temperature = number_param(data, "temperature", 1.0, 0.0, 2.0)
+        top_p = number_param(data, "top_p", None, 0.0, 1.0, lo_open=True)
+        top_k = number_param(data, "top_k", None, -1, self.tokenizer.vocab_size, integer=True)
+        min_p = number_param(data, "min_p", None, 0.0, 1.0)
+        rep = number_param(data, "repetition_penalty", 1.0, 0.0, 10.0, lo_open=True)
+        n = number_param(data, "n", 1, 1, self.engine.max_batch, integer=True)
+        seed = number_param(data, "seed", None, -(2**63), 2**63 - 1, integer=True)
         stream = data.get("stream", False) or False
         if not isinstance(stream, bool):
-            raise _bad("'stream' must be true or false", "stream")
+            raise bad_request("'stream' must be true or false", "stream")
         opts = data.get("stream_options") or {}
         if not isinstance(opts, dict):
-            raise _bad("'stream_options' must be an object", "stream_options")
+            raise bad_request("'stream_options' must be an object", "stream_options")
         echo = data.get("echo", False) or False
         ignore_eos = data.get("ignore_eos", False) or False
         for name, flag in (("echo", echo), ("ignore_eos", ignore_eos)):
             if not isinstance(flag, bool):
-                raise _bad(f"'{name}' must be true or false", name)
+                raise bad_request(f"'{name}' must be true or false", name)
         sampling = SamplingConfig(temperature=float(temperature),
                                   top_k=top_k if top_k and top_k > 0 else None,  # 0 or -1: off
                                   top_p=top_p, min_p=min_p, repetition_penalty=float(rep))
-        stop = _stop_list(data) + extra_stop
+        stop = stop_list(data) + extra_stop
         params, expanded, texts = [], [], []
         for p, text in zip(prompts, prompt_texts):
             for j in range(n):
@@ -367,11 +173,11 @@ class _Server:
                 expanded.append(p)
                 texts.append(text)
         if len(expanded) > self.engine.max_batch + self.engine.max_queue:
-            raise _bad(f"{len(expanded)} sequences (prompts x n) exceed the server's capacity of "
+            raise bad_request(f"{len(expanded)} sequences (prompts x n) exceed the server's capacity of "
                        f"{self.engine.max_batch + self.engine.max_queue}", "n")
-        return _Parsed(expanded, params, n, stream, bool(opts.get("include_usage")), texts, echo)
+        return ParsedRequest(expanded, params, n, stream, bool(opts.get("include_usage")), texts, echo)
 
-    def start(self, parsed: _Parsed) -> EventStream:
+    def start(self, parsed: ParsedRequest) -> EventStream:
         try:
             return EventStream(self.engine, parsed.prompts, parsed.params)
         except QueueFull as e:
@@ -429,7 +235,7 @@ def create_app(run_dir: str | Path, max_batch: int = 8, api_key: str | None = No
 
     app = FastAPI(title="scratchlm", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = srv
-    app.add_middleware(_CountRequests, metrics=srv.metrics)
+    app.add_middleware(CountRequests, metrics=srv.metrics)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -477,7 +283,7 @@ def create_app(run_dir: str | Path, max_batch: int = 8, api_key: str | None = No
         if isinstance(raw, list) and raw and all(isinstance(x, int) and not isinstance(x, bool) for x in raw):
             raw = [raw]  # one prompt given as token ids
         if not isinstance(raw, list) or not raw or not all(isinstance(p, (str, list)) for p in raw):
-            raise _bad("'prompt' must be a string, a list of strings, or token ids", "prompt")
+            raise bad_request("'prompt' must be a string, a list of strings, or token ids", "prompt")
         prompts, texts = [], []
         for p in raw:
             if isinstance(p, str):
@@ -485,7 +291,7 @@ def create_app(run_dir: str | Path, max_batch: int = 8, api_key: str | None = No
                 texts.append(p)
             else:
                 if not all(isinstance(t, int) and 0 <= t < srv.tokenizer.vocab_size for t in p):
-                    raise _bad("token-id prompts must hold ids in [0, vocab_size)", "prompt")
+                    raise bad_request("token-id prompts must hold ids in [0, vocab_size)", "prompt")
                 prompts.append(list(p))
                 texts.append(srv.tokenizer.decode(p))
         parsed = srv.parse(data, prompts, "prompt", default_max=16, extra_stop=[], prompt_texts=texts)
@@ -497,19 +303,19 @@ def create_app(run_dir: str | Path, max_batch: int = 8, api_key: str | None = No
         data = await srv.read_json(request)
         messages = data.get("messages")
         if not isinstance(messages, list) or not messages:
-            raise _bad("'messages' must be a non-empty list of {role, content} objects", "messages")
+            raise bad_request("'messages' must be a non-empty list of {role, content} objects", "messages")
         flat = []
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
-                raise _bad(f"messages[{i}] needs a 'role' of {', '.join(CHAT_ROLES)}", "messages")
+                raise bad_request(f"messages[{i}] needs a 'role' of {', '.join(CHAT_ROLES)}", "messages")
             content = m.get("content")
             if isinstance(content, list):  # content parts: text only
                 if not all(isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str)
                            for c in content):
-                    raise _bad(f"messages[{i}].content: only text parts are supported", "messages")
+                    raise bad_request(f"messages[{i}].content: only text parts are supported", "messages")
                 content = "".join(c["text"] for c in content)
             if not isinstance(content, str):
-                raise _bad(f"messages[{i}].content must be a string", "messages")
+                raise bad_request(f"messages[{i}].content must be a string", "messages")
             flat.append({"role": m["role"], "content": content})
         text = render_chat(flat)
         parsed = srv.parse(data, [srv.encode(text, "messages")], "messages", default_max=None,
@@ -528,7 +334,7 @@ def create_app(run_dir: str | Path, max_batch: int = 8, api_key: str | None = No
 # --- responses -------------------------------------------------------------------------------
 
 
-async def _respond(srv: _Server, request: Request, parsed: _Parsed, chat: bool):
+async def _respond(srv: _Server, request: Request, parsed: ParsedRequest, chat: bool):
     t0 = time.perf_counter()
     stream = srv.start(parsed)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
@@ -552,7 +358,7 @@ async def _until_disconnect(request: Request) -> None:
         pass
 
 
-async def _complete(srv, request, stream: EventStream, parsed: _Parsed, chat: bool, rid: str,
+async def _complete(srv, request, stream: EventStream, parsed: ParsedRequest, chat: bool, rid: str,
                     created: int, t0: float):
     """Non-streaming: gather every choice; a client that leaves cancels its sequences."""
     k = len(parsed.prompts)
@@ -607,7 +413,7 @@ def _sse_line(obj: dict) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
 
 
-async def _sse(srv: _Server, stream: EventStream, parsed: _Parsed, chat: bool, rid: str,
+async def _sse(srv: _Server, stream: EventStream, parsed: ParsedRequest, chat: bool, rid: str,
                created: int, t0: float) -> AsyncIterator[bytes]:
     """Server-sent events in OpenAI's format, ending with `data: [DONE]`. Starlette cancels
     this generator when the client disconnects; `finally` then frees the slots."""
