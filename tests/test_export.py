@@ -32,9 +32,8 @@ from scratchlm.checkpoint import load_run, write_run  # noqa: E402
 from scratchlm.cli import main as cli_main  # noqa: E402
 from scratchlm.config import ModelConfig, RunConfig  # noqa: E402
 from scratchlm.errors import UserError  # noqa: E402
-from scratchlm.export import (  # noqa: E402
-    _bytes_to_unicode, export_gguf, export_hf, gguf_unpermute, import_hf, model_config_from_hf,
-)
+from scratchlm.export import export_hf, import_hf, model_config_from_hf  # noqa: E402
+from scratchlm.gguf_export import _bytes_to_unicode, export_gguf, gguf_unpermute  # noqa: E402
 from scratchlm.generate import SamplingConfig, generate  # noqa: E402
 from scratchlm.model import Transformer  # noqa: E402
 from scratchlm.tokenizer import Tokenizer, train_bpe, train_char  # noqa: E402

@@ -150,7 +150,8 @@ def _cmd_serve(a: argparse.Namespace) -> int:
 
 
 def _cmd_export(a: argparse.Namespace) -> int:
-    from scratchlm.export import export_gguf, export_hf
+    from scratchlm.export import export_hf
+    from scratchlm.gguf_export import export_gguf
 
     path = (export_hf if a.format == "hf" else export_gguf)(a.run_dir, a.out)
     print(f"wrote {path}")
