@@ -26,7 +26,6 @@ import random
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,37 +36,10 @@ from safetensors.torch import load_file, save_file
 
 from scratchlm.config import RunConfig
 from scratchlm.errors import UserError
+from scratchlm.files import atomic_write, atomic_write_text, usual_permissions
 from scratchlm.model import Transformer
 
 FORMAT_VERSION = 1
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _umask()  # mkstemp/mkdtemp make private files (0600/0700); give them the usual mode
-
-
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Call write(tmp_path) and rename the result to path (same directory, so rename is atomic)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -250,7 +222,7 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
-    os.chmod(tmp, 0o777 & ~_UMASK)
+    usual_permissions(tmp)
     try:
         atomic_write_text(tmp / "config.json", json.dumps(config, indent=2) + "\n")
         shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")

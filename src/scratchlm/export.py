@@ -36,6 +36,7 @@ import torch
 from scratchlm.checkpoint import load_run, model_state, write_run
 from scratchlm.config import ModelConfig, RunConfig
 from scratchlm.errors import UserError
+from scratchlm.files import usual_permissions
 from scratchlm.model import Transformer
 from scratchlm.tokenizer import EOT, PAD, SPECIAL_TOKENS, Tokenizer
 
@@ -511,7 +512,7 @@ def _staged_dir(out: Path) -> Iterator[Path]:
     old: Path | None = None
     try:
         yield tmp
-        _usual_permissions(tmp)
+        usual_permissions(tmp)
         if out.exists():  # a previous export (checked by _check_dir_target): swap it out
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
             os.replace(out, old / "x")
@@ -524,12 +525,3 @@ def _staged_dir(out: Path) -> Iterator[Path]:
     finally:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-
-
-def _usual_permissions(path: Path) -> None:
-    """Temp files and directories are created private (0600/0700); give the finished output the
-    modes a plain `open`/`mkdir` would have under the user's umask, so others can read it too."""
-    mask = os.umask(0)
-    os.umask(mask)
-    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
-        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)

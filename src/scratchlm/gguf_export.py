@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from scratchlm.checkpoint import atomic_write, load_run, model_state
+from scratchlm.checkpoint import load_run, model_state
+from scratchlm.files import atomic_write
 from scratchlm.config import ModelConfig
 from scratchlm.errors import UserError
 from scratchlm.export import to_hf_state

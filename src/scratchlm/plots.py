@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from matplotlib.figure import Figure
 
 from scratchlm.config import TrainConfig
 from scratchlm.errors import UserError
+from scratchlm.files import atomic_write
 from scratchlm.schedules import SCHEDULE_NAMES, describe, lr_at
 
 _DPI = 100
@@ -90,12 +90,7 @@ def _no_data(ax: Any) -> None:
 def save_png(fig: Figure, path: str | Path) -> Path:
     """Write `fig` to `path` atomically: a temporary file in the same directory, then a rename."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fig.savefig(tmp, format="png", dpi=_DPI)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # only still there if saving failed
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=_DPI))
     return path
 
 

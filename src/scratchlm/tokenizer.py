@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from scratchlm.errors import UserError
+from scratchlm.files import atomic_write_text
 
 EOT = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -86,7 +86,7 @@ class Tokenizer:
     def save(self, path: str | os.PathLike) -> None:
         """Write `tokenizer.json` atomically (temp file in the same directory, then rename)."""
         path = Path(path)
-        _atomic_write_text(path, self.to_str())
+        atomic_write_text(path, self.to_str())
 
     def to_str(self) -> str:
         """The `tokenizer.json` text."""
@@ -242,16 +242,3 @@ def _char_lookup_table(hf: HFTokenizer) -> np.ndarray:
     table = np.full(max(cps) + 1, -1, dtype=np.int32)
     table[list(cps)] = list(cps.values())
     return table
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; this is a shareable artefact
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

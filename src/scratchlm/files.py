@@ -1,0 +1,48 @@
+"""Atomic file writes: the one way scratchlm puts a file in place.
+
+Used by checkpoints, tokenizers, plots and exports. The content goes to a temporary file in the
+destination's directory and is renamed over the destination, so a crash or Ctrl-C never leaves a
+half-written file under the real name. Standard library only, so any module may import it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()  # mkstemp makes private files (0600); finished outputs get the usual mode
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
+    """Call write(tmp_path) and rename the result to path (same directory, so rename is atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def usual_permissions(path: Path) -> None:
+    """Give `path` (and, for a directory, everything under it) the modes a plain `open`/`mkdir`
+    would have under the user's umask: temporary files and directories start private."""
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~_UMASK)
