@@ -48,6 +48,18 @@ def test_cached_decoding_equals_full_forward(name):
 
 
 @pytest.mark.parametrize("name", FAMILIES)
+def test_cached_chunks_after_the_first_stay_causal(name):
+    """A multi-token chunk fed after a prefill (start > 0) must not see its own later tokens."""
+    model = tiny(name)
+    idx = torch.randint(0, 61, (2, 36))
+    full, _ = model(idx)
+    cache = KVCache(model.cfg, 2)
+    steps = [model(idx[:, a:b], cache=cache)[0] for a, b in ((0, 10), (10, 22), (22, 30))]
+    steps += [model(idx[:, t : t + 1], cache=cache)[0] for t in range(30, 36)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
 def test_cache_rows_advance_independently(name):
     """Rows prefilled to different lengths, then decoded together, match the full forward."""
     model = tiny(name)

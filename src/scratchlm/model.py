@@ -62,36 +62,44 @@ class KVCache:
 
 
 class _Step:
-    """Per-forward cache bookkeeping shared by all layers: where to write, what to attend to."""
+    """Per-forward cache bookkeeping shared by all layers: where to write, what to attend to.
+
+    Positions are read once into Python ints: a decode step is ~300 tiny ops, so the dozen
+    tensor ops this bookkeeping would otherwise cost per step are measurable (see
+    docs/performance.md, "Decoding")."""
 
     def __init__(self, cache: KVCache, rows: torch.Tensor | None, T: int, B: int | None = None) -> None:
         self.cache = cache
         pos = cache.pos[:B] if rows is None else cache.pos[rows]  # rows None: rows 0..B-1
-        start = int(pos[0])
-        self.uniform = rows is None and bool((pos == start).all())
-        self.positions = pos[:, None] + torch.arange(T)  # (B, T)
-        self.length = int(self.positions.max()) + 1  # keys to attend over
+        starts = pos.tolist()
+        start = starts[0]
+        self.uniform = rows is None and all(p == start for p in starts)
+        self.length = max(starts) + T  # keys to attend over
         if self.length > cache.max_len:
             raise ValueError(f"sequence of {self.length} tokens exceeds cache length {cache.max_len}")
         self.rows = rows
         self.start, self.T = start, T
         device = cache.k[0].device
+        # (1, T) when every row is at the same position, else (B, T)
+        positions = torch.arange(start, start + T)[None, :] if self.uniform else pos[:, None] + torch.arange(T)
         if self.uniform and (T == 1 or start == 0):
             self.mask = None  # one new token sees everything before it; a prefill from 0 is plain causal
         else:
             keys = torch.arange(self.length)
-            self.mask = (keys[None, None, :] <= self.positions[:, :, None]).unsqueeze(1).to(device)
-        self.positions = self.positions.to(device)
+            self.mask = (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1).to(device)
+        self.positions = positions.to(device)
+        self.whole = rows is None and B == cache.batch_size  # every row: no [:B] slicing needed
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's (B, nkv, T, hs) keys/values; return the keys/values to attend to."""
         ck, cv = self.cache.k[layer], self.cache.v[layer]
         B = k.shape[0]
         if self.uniform:
-            end = self.start + self.T
-            ck[:B, :, self.start : end] = k
-            cv[:B, :, self.start : end] = v
-            return ck[:B, :, :end], cv[:B, :, :end]
+            if not self.whole:
+                ck, cv = ck[:B], cv[:B]
+            ck.narrow(2, self.start, self.T).copy_(k)
+            cv.narrow(2, self.start, self.T).copy_(v)
+            return ck.narrow(2, 0, self.length), cv.narrow(2, 0, self.length)
         rows = torch.arange(B) if self.rows is None else self.rows
         rows = rows.to(ck.device)
         ck[rows[:, None], :, self.positions] = k.transpose(1, 2)  # (B, T, nkv, hs)
