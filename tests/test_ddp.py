@@ -65,7 +65,8 @@ def test_two_processes_match_one(tmp_path: Path) -> None:
         assert a["lr"] == b["lr"]
     assert ddp[-1]["val_loss"] == pytest.approx(one[-1]["val_loss"], rel=1e-5)
     config = json.loads((tmp_path / "ddp" / "config.json").read_text())
-    assert config["derived"] == {"grad_accum_steps": 1, "world_size": 2, "tokens_per_step": 256}
+    assert config["derived"] == {"grad_accum_steps": 1, "world_size": 2, "tokens_per_step": 256,
+                                 "precision": "fp32"}
     wa = load_file(tmp_path / "ddp" / "model.safetensors")
     wb = load_file(tmp_path / "one" / "model.safetensors")
     assert wa.keys() == wb.keys()  # the unwrapped module: no "module." prefixes

@@ -287,6 +287,37 @@ def test_fp16_on_cpu_and_peak_override(monkeypatch) -> None:
     assert train_mod.peak_flops(torch.device("cpu"), "fp32") > 0
 
 
+def test_auto_precision_follows_the_hardware(monkeypatch) -> None:
+    """auto: bf16-master only where the CPU multiplies bf16 natively, else fp32; explicit
+    choices are kept, with a note when bf16 would be emulated."""
+    native = train_mod.cpu_has_native_bf16()
+    assert native == (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    got, why = train_mod.resolve_precision("auto", "cpu")
+    assert got == ("bf16-master" if native else "fp32") and why.startswith("auto:")
+    for flag in (True, False):  # both kinds of CPU, through torch's own capability queries
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda f=flag: f)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        assert train_mod.resolve_precision("auto", "cpu")[0] == ("bf16-master" if flag else "fp32")
+        got, why = train_mod.resolve_precision("bf16", "cpu")
+        assert got == "bf16" and (why == "" if flag else "no native bf16" in why)
+        assert train_mod.resolve_precision("fp32", "cpu") == ("fp32", "")
+        peak = train_mod.peak_flops(torch.device("cpu"), "bf16")
+        assert (peak > train_mod.peak_flops(torch.device("cpu"), "fp32")) == flag
+
+
+def test_auto_precision_is_recorded_and_evaluated(data_dir: Path, tmp_path: Path, capsys) -> None:
+    cfg = tiny("train.precision=auto", "train.max_steps=4", "train.eval_interval=4")
+    train(cfg, data_dir, tmp_path / "run")
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    want, why = train_mod.resolve_precision("auto", "cpu")
+    assert config["train"]["precision"] == "auto"  # resumes pick again on their machine
+    assert config["derived"]["precision"] == want
+    out = capsys.readouterr().out
+    assert why in out and f"precision {want}," in out
+    r = evaluate_run(tmp_path / "run", data_dir)
+    assert r["tokens"] > 0 and r["val_loss"] > 0
+
+
 def test_optimizer_decays_only_matrices() -> None:
     cfg = tiny().model
     cfg.vocab_size = 40

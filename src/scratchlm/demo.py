@@ -25,7 +25,7 @@ DEMO_MODEL = [
 ]
 DEMO_TRAIN = [
     "train.batch_size=16", "train.lr=2e-3", "train.min_lr=2e-4", "train.warmup_steps=30",
-    "train.beta2=0.99", "train.weight_decay=0.1", "train.precision=bf16", "train.eval_steps=10",
+    "train.beta2=0.99", "train.weight_decay=0.1", "train.precision=auto", "train.eval_steps=10",
     "train.log_interval=10",
 ]
 PROMPTS = ["def ", "import ", "class Parser:\n    def __init__(self", "# Training a model"]
@@ -96,21 +96,28 @@ def run_demo(out_dir: str | Path = "runs/demo", seconds: float = 120.0) -> None:
 def _steps_for_budget(cfg: RunConfig, seconds: float) -> int:
     """Time a few optimizer steps of this model on random tokens and size the run to fit."""
     from scratchlm.model import Transformer
-    from scratchlm.train import autocast_context, configure_optimizer
+    from scratchlm.train import MasterWeights, autocast_context, configure_optimizer, resolve_precision
 
     torch.manual_seed(0)
     model = Transformer(cfg.model)
     opt = configure_optimizer(model, cfg.train)
+    precision, _ = resolve_precision(cfg.train.precision, "cpu")  # what train will run
+    master = MasterWeights(model) if precision == "bf16-master" else None
+    compute = master.compute if master is not None else model
     B, T, V = cfg.train.batch_size, cfg.model.context_length, cfg.model.vocab_size
     x = torch.randint(0, V, (B, T))
     times = []
     for _ in range(4):
         start = time.perf_counter()
-        with autocast_context(cfg.train.precision, "cpu"):
-            _, loss = model(x, x)
+        with autocast_context(precision, "cpu"):
+            _, loss = compute(x, x)
         loss.backward()
+        if master is not None:
+            master.grads_to_master()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if master is not None:
+            master.weights_from_master()
         times.append(time.perf_counter() - start)
     per_step = sorted(times[1:])[1]  # median of the warm steps
     # Short timings are optimistic, and evaluation, logging and checkpoints take their share:
