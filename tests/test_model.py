@@ -36,27 +36,19 @@ def test_causal_future_tokens_never_change_past_logits(name):
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_cached_decoding_equals_full_forward(name):
+@pytest.mark.parametrize("prefill", [[15], [10, 22, 30]], ids=["prefill", "chunked-prefill"])
+def test_cached_decoding_equals_full_forward(name, prefill):
+    """Prefill (in one piece, or in chunks after the first, which start at a position > 0 and
+    must not see their own later tokens), then one token at a time: logits equal a full pass."""
     model = tiny(name)
     idx = torch.randint(0, 61, (3, 40))
     full, _ = model(idx)
     cache = KVCache(model.cfg, 3)
-    steps = [model(idx[:, :15], cache=cache)[0]]
-    steps += [model(idx[:, t : t + 1], cache=cache)[0] for t in range(15, 40)]
+    bounds = [0, *prefill]
+    steps = [model(idx[:, a:b], cache=cache)[0] for a, b in zip(bounds, bounds[1:])]
+    steps += [model(idx[:, t : t + 1], cache=cache)[0] for t in range(prefill[-1], 40)]
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
     assert cache.pos.tolist() == [40, 40, 40]
-
-
-@pytest.mark.parametrize("name", FAMILIES)
-def test_cached_chunks_after_the_first_stay_causal(name):
-    """A multi-token chunk fed after a prefill (start > 0) must not see its own later tokens."""
-    model = tiny(name)
-    idx = torch.randint(0, 61, (2, 36))
-    full, _ = model(idx)
-    cache = KVCache(model.cfg, 2)
-    steps = [model(idx[:, a:b], cache=cache)[0] for a, b in ((0, 10), (10, 22), (22, 30))]
-    steps += [model(idx[:, t : t + 1], cache=cache)[0] for t in range(30, 36)]
-    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", FAMILIES)
