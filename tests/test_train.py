@@ -237,6 +237,15 @@ def test_bad_input_is_one_line(data_dir: Path, tmp_path: Path, capsys) -> None:
     err = _one_line_error(capsys, ["train", "--data", str(data_dir), "--out",
                                    str(tmp_path / "foreign"), "--resume", *sets])
     assert "not a scratchlm run directory" in err
+    (tmp_path / "foreign" / "config.json").write_text('{"format_version": 1, "model": {')
+    for argv in (["eval", str(tmp_path / "foreign"), "--data", str(data_dir)],
+                 ["generate", str(tmp_path / "foreign"), "--prompt", "Shall"]):
+        err = _one_line_error(capsys, argv)
+        assert "config.json is not valid JSON" in err and "damaged" in err
+    err = _one_line_error(capsys, ["import-hf", str(tmp_path / "foreign"), "--out",
+                                   str(tmp_path / "imported")])
+    assert "config.json is not valid JSON" in err and "save_pretrained" in err
+    assert not (tmp_path / "imported").exists()
 
 
 def test_resume_refuses_another_architecture(data_dir: Path, tmp_path: Path) -> None:

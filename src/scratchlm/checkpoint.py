@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from scratchlm.config import RunConfig
 from scratchlm.errors import UserError
-from scratchlm.files import atomic_write, atomic_write_text, usual_permissions
+from scratchlm.files import atomic_write, atomic_write_text, read_json, usual_permissions
 from scratchlm.model import Transformer
 
 FORMAT_VERSION = 1
@@ -87,10 +87,7 @@ def read_run_config(run_dir: str | Path) -> tuple[RunConfig, dict[str, Any]]:
     if not path.is_file():
         raise UserError(f"{run_dir} is not a scratchlm run directory (no config.json); "
                         "train one with `scratchlm train` or import one with `scratchlm import-hf`")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from None
+    raw = read_json(path, "the run directory is damaged; train again or restore config.json")
     if not isinstance(raw, dict) or raw.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{path} is not a scratchlm run config of format_version {FORMAT_VERSION}")
     sections = {k: raw[k] for k in ("model", "train") if k in raw}

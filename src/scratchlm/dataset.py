@@ -32,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 from scratchlm.errors import UserError
+from scratchlm.files import read_json
 from scratchlm.tokenizer import MIN_BPE_VOCAB, Tokenizer, train_bpe, train_char
 
 FORMAT_VERSION = 1
@@ -529,10 +530,7 @@ def load_meta(data_dir: str | os.PathLike) -> dict:
     path = d / "meta.json"
     if not path.is_file():
         raise UserError(f"{d} has no meta.json, so it is not a prepared data directory; {hint}")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}); {hint}") from e
+    meta = read_json(path, hint)
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
         found = meta.get("format_version") if isinstance(meta, dict) else None
         raise UserError(

@@ -36,7 +36,7 @@ import torch
 from scratchlm.checkpoint import load_run, model_state, write_run
 from scratchlm.config import ModelConfig, RunConfig
 from scratchlm.errors import UserError
-from scratchlm.files import usual_permissions
+from scratchlm.files import read_json, usual_permissions
 from scratchlm.model import Transformer
 from scratchlm.tokenizer import EOT, PAD, SPECIAL_TOKENS, Tokenizer
 
@@ -241,10 +241,7 @@ def import_hf(path: str | os.PathLike, out: str | os.PathLike) -> Path:
     cfg_path = src / "config.json"
     if not cfg_path.is_file():
         raise UserError(f"{src} has no config.json: not a Hugging Face model directory")
-    try:
-        hf_cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{cfg_path} is not valid JSON: {e}") from None
+    hf_cfg = read_json(cfg_path, "save the model again with save_pretrained()")
     if not isinstance(hf_cfg, dict):
         raise UserError(f"{cfg_path} is not a Hugging Face model config")
     tok_path = src / "tokenizer.json"
