@@ -17,7 +17,9 @@ from scratchlm.config import ModelConfig, RunConfig
 from scratchlm.generate import SamplingConfig, generate_text
 from scratchlm.model import Transformer
 from scratchlm.api import CHAT_STOP, render_chat
-from scratchlm.serve import create_app, running_server, serve
+from scratchlm.serve import (
+    MAX_CHUNKS_PER_S, MAX_STREAM_INTERVAL, create_app, running_server, serve, stream_interval_for,
+)
 from scratchlm.tokenizer import train_char
 
 openai = pytest.importorskip("openai")
@@ -253,6 +255,18 @@ def test_overload_is_429(one_slot):
     assert 'endpoint="/v1/completions",status="429"' in httpx.get(one_slot + "/metrics").text
 
 
+def test_stream_interval_grows_with_open_streams_within_the_chunk_budget():
+    base = 0.02
+    assert stream_interval_for(0.0, 50) == 0.0  # one chunk per token stays one chunk per token
+    few = int(base * MAX_CHUNKS_PER_S)  # this many streams fit the budget at the base interval
+    assert [stream_interval_for(base, n) for n in (1, few)] == [base, base]
+    for n in (few + 1, 2 * few, 8 * few):
+        iv = stream_interval_for(base, n)
+        assert iv > base and n / iv <= MAX_CHUNKS_PER_S * (1 + 1e-9) or iv == MAX_STREAM_INTERVAL
+    assert stream_interval_for(base, 10_000) == MAX_STREAM_INTERVAL
+    assert stream_interval_for(0.5, 10_000) == 0.5  # a longer interval asked for is kept
+
+
 def test_disconnect_mid_stream_frees_the_slot(one_slot):
     _wait_idle(one_slot)
     before = _metric(one_slot, "scratchlm_generation_tokens_total")
@@ -263,6 +277,7 @@ def test_disconnect_mid_stream_frees_the_slot(one_slot):
     # Leaving the block closed the connection mid-stream.
     _wait_idle(one_slot)
     assert _metric(one_slot, "scratchlm_generation_tokens_total") - before < LONG["max_tokens"]
+    assert _metric(one_slot, "scratchlm_open_streams") == 0  # it no longer shares the budget
     r = httpx.post(one_slot + "/v1/completions", json={"prompt": "Hi", "max_tokens": 3, "ignore_eos": True})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
 

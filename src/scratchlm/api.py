@@ -88,6 +88,7 @@ class Metrics:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.requests: dict[tuple[str, int], int] = {}
+        self.open_streams = 0  # streaming responses in progress; they share the chunk budget
         self.latency = Histogram("scratchlm_request_latency_seconds",
                                  "Time from receiving a generation request to its last token.",
                                  LATENCY_BUCKETS)
@@ -124,6 +125,7 @@ class Metrics:
             ("scratchlm_running_requests", "gauge", "Requests holding a slot.", e.running),
             ("scratchlm_max_batch", "gauge", "Slots (sequences decoded together).", e.max_batch),
             ("scratchlm_max_queue", "gauge", "Waiting requests allowed before 429.", e.max_queue),
+            ("scratchlm_open_streams", "gauge", "Streaming responses in progress.", self.open_streams),
         ):
             out += [f"# HELP {name} {help}", f"# TYPE {name} {kind}", f"{name} {value}"]
         for h in (self.latency, self.ttft, self.tpot):
