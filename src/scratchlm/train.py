@@ -122,7 +122,7 @@ def check_precision(precision: str, device_type: str) -> None:
     if precision == "fp16" and device_type != "cuda":
         raise UserError(
             "train.precision=fp16 needs a CUDA GPU (on CPUs fp16 matrix multiplies run at "
-            "~1 GFLOP/s); use train.precision=bf16 (same speed-up, no loss scaling) or fp32"
+            "~1 GFLOP/s); use train.precision=auto (bf16 where the CPU has it, else fp32)"
         )
 
 
