@@ -33,7 +33,7 @@ import torch
 from scratchlm.config import RunConfig, load_run_config
 from scratchlm.errors import UserError
 from scratchlm.model import Transformer
-from scratchlm.train import MasterWeights, autocast_context, configure_optimizer
+from scratchlm.train import MasterWeights, autocast_context, configure_optimizer, cpu_has_native_bf16
 
 # ../shared/REFERENCE_FIGURES.md: 2 threads, 2048x2048, torch 2.13 CPU (bf16: median figure).
 REFERENCE_PEAK_GFLOPS = {"fp32": 205.0, "bf16": 786.0}
@@ -187,6 +187,9 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
     n_params = sum(p.numel() for p in init.parameters())
     _log(f"bench train: preset {args.preset}, {n_params / 1e6:.2f}M params, batch {B} x {T} tokens, "
          f"{args.steps} timed steps per precision, {torch.get_num_threads()} threads")
+    if any(base.startswith("bf16") for _, base, _ in variants_spec) and not cpu_has_native_bf16():
+        _log("  note: this CPU has no native bf16 matrix multiply (AVX512-BF16 or AMX): bf16 is "
+             "emulated and slower than fp32 here; train.precision=auto trains in fp32")
     peak_before = matmul_gflops(reps=3)
 
     g = torch.Generator().manual_seed(tc.seed)
