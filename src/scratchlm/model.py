@@ -66,7 +66,7 @@ class _Step:
 
     Positions are read once into Python ints: a decode step is ~300 tiny ops, so the dozen
     tensor ops this bookkeeping would otherwise cost per step are measurable (see
-    docs/performance.md, "Decoding")."""
+    docs/performance.md, section 5, "Per-token overhead")."""
 
     def __init__(self, cache: KVCache, rows: torch.Tensor | None, T: int, B: int | None = None) -> None:
         self.cache = cache
@@ -80,8 +80,10 @@ class _Step:
         self.rows = rows
         self.start, self.T = start, T
         device = cache.k[0].device
-        # (1, T) when every row is at the same position, else (B, T)
-        positions = torch.arange(start, start + T)[None, :] if self.uniform else pos[:, None] + torch.arange(T)
+        if self.uniform:
+            positions = torch.arange(start, start + T)[None, :]  # (1, T): the same for every row
+        else:
+            positions = pos[:, None] + torch.arange(T)  # (B, T)
         if self.uniform and (T == 1 or start == 0):
             self.mask = None  # one new token sees everything before it; a prefill from 0 is plain causal
         else:

@@ -77,7 +77,8 @@ MAX_CHUNKS_PER_S * interval, each stream's interval grows so the total stays wit
 costs ~0.75 ms of server CPU on the 2-core Ice Lake (Starlette write, generator resume, JSON),
 so at 8 streams x 50 chunks/s the writes alone took a third of the CPU the engine needed."""
 MAX_STREAM_INTERVAL = 0.25
-"""However many streams are open, each gets a chunk at least this often (seconds)."""
+"""However many streams are open, each gets a chunk at least this often (seconds), unless
+SCRATCHLM_STREAM_INTERVAL asks for a longer interval."""
 
 
 def stream_interval_for(base: float, open_streams: int) -> float:
