@@ -37,7 +37,7 @@ def main() -> None:
     for spec in a.variants:
         precision, _, option = spec.partition(":")
         label, base, compiled = bench._parse_precisions(precision)[0]
-        v = bench._TrainVariant(label, base, compiled, init, cfg.train)
+        v = bench.TrainVariant(label, base, compiled, init, cfg.train)
         if option == "no-attn-dropout":
             for m in v.model.modules():
                 if isinstance(m, Attention):

@@ -51,7 +51,7 @@ def main() -> None:
     for s in specs:
         parts = s.split("~")
         label, base, comp = bench._parse_precisions(parts[0])[0]
-        v = bench._TrainVariant(s, base, comp, init, cfg.train)
+        v = bench.TrainVariant(s, base, comp, init, cfg.train)
         v.f32 = "f32attn" in parts
         if "nad" in parts:
             for mod in v.model.modules():

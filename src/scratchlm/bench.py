@@ -33,7 +33,7 @@ import torch
 from scratchlm.config import RunConfig, load_run_config
 from scratchlm.errors import UserError
 from scratchlm.model import Transformer
-from scratchlm.train import MasterWeights, autocast_context, configure_optimizer, cpu_has_native_bf16
+from scratchlm.train import MasterWeights, autocast_context, configure_optimizer, resolve_precision
 
 # ../shared/REFERENCE_FIGURES.md: 2 threads, 2048x2048, torch 2.13 CPU (bf16: median figure).
 REFERENCE_PEAK_GFLOPS = {"fp32": 205.0, "bf16": 786.0}
@@ -124,7 +124,7 @@ def _parse_precisions(text: str) -> list[tuple[str, str, bool]]:
     return out
 
 
-class _TrainVariant:
+class TrainVariant:
     """One precision's model, optimizer and step; all variants start from the same weights."""
 
     def __init__(self, label: str, base: str, compiled: bool, init: Transformer, tcfg) -> None:
@@ -187,16 +187,16 @@ def bench_train(args: argparse.Namespace) -> dict[str, Any]:
     n_params = sum(p.numel() for p in init.parameters())
     _log(f"bench train: preset {args.preset}, {n_params / 1e6:.2f}M params, batch {B} x {T} tokens, "
          f"{args.steps} timed steps per precision, {torch.get_num_threads()} threads")
-    if any(base.startswith("bf16") for _, base, _ in variants_spec) and not cpu_has_native_bf16():
-        _log("  note: this CPU has no native bf16 matrix multiply (AVX512-BF16 or AMX): bf16 is "
-             "emulated and slower than fp32 here; train.precision=auto trains in fp32")
+    notes = {resolve_precision(base, "cpu")[1] for _, base, _ in variants_spec} - {""}
+    for note in notes:  # e.g. bf16 on a CPU that emulates it
+        _log(f"  {note}")
     peak_before = matmul_gflops(reps=3)
 
     g = torch.Generator().manual_seed(tc.seed)
     n_batches = 2
     batches = [(torch.randint(0, mc.vocab_size, (B, T), generator=g),
                 torch.randint(0, mc.vocab_size, (B, T), generator=g)) for _ in range(n_batches)]
-    variants = [_TrainVariant(label, base, comp, init, tc) for label, base, comp in variants_spec]
+    variants = [TrainVariant(label, base, comp, init, tc) for label, base, comp in variants_spec]
     for v in variants:  # warm-up: eager 1 step; compiled 2 (the compile, then one to settle)
         for i in range(2 if v.compiled else 1):
             v.warmup_s.append(v.step(*batches[i % n_batches]))

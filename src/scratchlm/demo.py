@@ -95,30 +95,16 @@ def run_demo(out_dir: str | Path = "runs/demo", seconds: float = 120.0) -> None:
 
 def _steps_for_budget(cfg: RunConfig, seconds: float) -> int:
     """Time a few optimizer steps of this model on random tokens and size the run to fit."""
+    from scratchlm.bench import TrainVariant
     from scratchlm.model import Transformer
-    from scratchlm.train import MasterWeights, autocast_context, configure_optimizer, resolve_precision
+    from scratchlm.train import resolve_precision
 
     torch.manual_seed(0)
-    model = Transformer(cfg.model)
-    opt = configure_optimizer(model, cfg.train)
     precision, _ = resolve_precision(cfg.train.precision, "cpu")  # what train will run
-    master = MasterWeights(model) if precision == "bf16-master" else None
-    compute = master.compute if master is not None else model
+    variant = TrainVariant(precision, precision, False, Transformer(cfg.model), cfg.train)
     B, T, V = cfg.train.batch_size, cfg.model.context_length, cfg.model.vocab_size
     x = torch.randint(0, V, (B, T))
-    times = []
-    for _ in range(4):
-        start = time.perf_counter()
-        with autocast_context(precision, "cpu"):
-            _, loss = compute(x, x)
-        loss.backward()
-        if master is not None:
-            master.grads_to_master()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if master is not None:
-            master.weights_from_master()
-        times.append(time.perf_counter() - start)
+    times = [variant.step(x, x) for _ in range(4)]
     per_step = sorted(times[1:])[1]  # median of the warm steps
     # Short timings are optimistic, and evaluation, logging and checkpoints take their share:
     # measured, a 120 s budget sized at 85% ran 139 s, so size at 70%.

@@ -90,14 +90,13 @@ class _Step:
             keys = torch.arange(self.length)
             self.mask = (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1).to(device)
         self.positions = positions.to(device)
-        self.whole = rows is None and B == cache.batch_size  # every row: no [:B] slicing needed
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's (B, nkv, T, hs) keys/values; return the keys/values to attend to."""
         ck, cv = self.cache.k[layer], self.cache.v[layer]
         B = k.shape[0]
         if self.uniform:
-            if not self.whole:
+            if B < ck.shape[0]:  # rows 0..B-1 of a larger cache
                 ck, cv = ck[:B], cv[:B]
             ck.narrow(2, self.start, self.T).copy_(k)
             cv.narrow(2, self.start, self.T).copy_(v)
