@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from scratchlm.config import ModelConfig
-from scratchlm.model import KVCache, Transformer
+from scratchlm.model import SMALL_GELU_CPU, KVCache, Transformer, gelu
 
 FAMILIES = {
     "gpt2": dict(arch="gpt2"),
@@ -132,3 +132,16 @@ def test_rows_none_uses_the_first_rows_of_a_larger_cache():
     out, _ = model(idx[:, 8:], cache=cache)
     torch.testing.assert_close(out, full[:, 8:], atol=1e-5, rtol=1e-5)
     assert cache.pos.tolist() == [12, 12, 0, 0, 0]
+
+
+@pytest.mark.parametrize("numel", [1536, SMALL_GELU_CPU + 1], ids=["torch-kernel", "onednn"])
+def test_gelu_matches_torch_on_both_cpu_paths(numel):
+    x = torch.randn(1, numel, requires_grad=True)
+    ref = torch.nn.functional.gelu(x)
+    out = gelu(x, "none")
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=0)
+    (g,) = torch.autograd.grad(out.sum(), x)
+    (g_ref,) = torch.autograd.grad(ref.sum(), x)
+    torch.testing.assert_close(g, g_ref, atol=2e-6, rtol=0)
+    assert torch.equal(gelu(x, "tanh"), torch.nn.functional.gelu(x, approximate="tanh"))
+    assert torch.backends.mkldnn.enabled  # the process-wide switch is put back
