@@ -261,8 +261,11 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, rope, step, layer):  # (B, T, C) -> (B, T, C)
-        x = x + self.attn(self.norm1(x), rope, step, layer)
-        return x + self.mlp(self.norm2(x))
+        # The submodules' forward is called directly: nn.Module.__call__ (hook checks) cost ~9 us
+        # a call on the 2-core CPU, 24 calls in a decode step of `small` (~6% of it). Hooks
+        # belong on whole blocks (DDP wraps the model; this is the unit to shard or checkpoint).
+        x = x + self.attn.forward(self.norm1.forward(x), rope, step, layer)
+        return x + self.mlp.forward(self.norm2.forward(x))
 
 
 class Transformer(nn.Module):
