@@ -13,6 +13,10 @@ completion tokens over the phase's wall time; the target (issue 4) is phase 2 >=
 The two phases alternate for `--rounds` rounds and the medians are reported (shared machines
 are noisy), with the server process's CPU time per token, which load on the machine barely
 changes (Linux only).
+
+`--engine-only` runs the same two phases on `scratchlm.engine.Engine` in this process, with no
+HTTP, threads chosen as `serve` chooses them: what continuous batching gains before the server's
+streaming costs its share.
 """
 
 from __future__ import annotations
@@ -129,6 +133,71 @@ async def phase(url: str, clients: int, requests: int, max_tokens: int, pid: int
             "mean_ttft_ms": round(1000 * sum(f for _, f in flat) / len(flat), 1)}
 
 
+def engine_phase(engine, prompt: list[int], clients: int, requests: int, max_tokens: int) -> dict:
+    """The engine without HTTP: `clients` request streams, each `requests` requests in a row."""
+    import threading
+
+    from scratchlm.engine import GenerationParams
+    from scratchlm.generate import SamplingConfig
+
+    params = GenerationParams(max_tokens=max_tokens, sampling=SamplingConfig(temperature=0.0),
+                              ignore_eos=True)
+    done = threading.Semaphore(0)
+    left = [requests] * clients
+    counted = [0]  # completion tokens, as the engine reports them
+
+    def submit(c: int) -> None:
+        def sink(ev) -> None:  # engine thread
+            if ev.finish_reason is None:
+                return
+            counted[0] += ev.completion_tokens
+            left[c] -= 1
+            if left[c]:
+                submit(c)
+            else:
+                done.release()
+        engine.submit([prompt], params, sink)
+
+    t0 = time.perf_counter()
+    for c in range(clients):
+        submit(c)
+    for _ in range(clients):
+        done.acquire()
+    wall = time.perf_counter() - t0
+    tokens = counted[0]
+    return {"clients": clients, "requests": clients * requests, "tokens": tokens,
+            "seconds": round(wall, 3), "tokens_per_s": round(tokens / wall, 1)}
+
+
+def engine_only(a: argparse.Namespace) -> None:
+    from scratchlm.checkpoint import load_run
+    from scratchlm.engine import Engine
+    from scratchlm.serve import _pick_threads
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model, tok, _ = load_run(build_run(Path(tmp), a.preset))
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
+    engine = Engine(model, tok, max_batch=a.max_batch).start()
+    threads = f"{a.threads} torch threads" if a.threads > 0 else _pick_threads(engine)
+    prompt = tok.encode(PROMPT)
+    try:
+        engine_phase(engine, prompt, 1, 1, 8)  # warm-up
+        rounds = [(engine_phase(engine, prompt, 1, a.requests, a.max_tokens),
+                   engine_phase(engine, prompt, a.clients, a.requests, a.max_tokens))
+                  for _ in range(a.rounds)]
+    finally:
+        engine.stop()
+    single, multi = (median_phase([r[i] for r in rounds]) for i in (0, 1))
+    speedup = round(multi["tokens_per_s"] / single["tokens_per_s"], 2)
+    print(f"engine only ({threads}): 1 stream {single['tokens_per_s']:.1f} tokens/s, "
+          f"{a.clients} streams {multi['tokens_per_s']:.1f} tokens/s: {speedup}x; per round: "
+          f"{[[s['tokens_per_s'], m['tokens_per_s']] for s, m in rounds]}")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"engine_only": True, "preset": a.preset, "single": single,
+                                            "concurrent": multi, "speedup": speedup}, indent=2) + "\n")
+
+
 def median_phase(phases: list[dict]) -> dict:
     """The round with the median throughput (its other figures come with it)."""
     return sorted(phases, key=lambda ph: ph["tokens_per_s"])[len(phases) // 2]
@@ -145,8 +214,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0,
                    help="OMP_NUM_THREADS of the server (0: unset; serve then uses 1 thread for a "
                    "model this small)")
+    p.add_argument("--engine-only", action="store_true",
+                   help="time the engine in this process, without the HTTP server")
     p.add_argument("--json", help="also write the figures here")
     a = p.parse_args()
+    if a.engine_only:
+        engine_only(a)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         run = build_run(Path(tmp), a.preset)
         port = free_port()

@@ -133,3 +133,20 @@ def test_kv_speedup_formulas():
     assert bench.kv_speedup_theory(1, 1) == 1.0
     # growing sequence: P + (P+1) + ... + (P+G-1) tokens uncached vs P + G - 1 cached
     assert bench.token_forward_ratio(3, 3) == (3 + 4 + 5) / 5
+
+
+def test_serving_benchmark_engine_only_counts_every_token(tmp_path):
+    """benchmarks/bench_serve.py --engine-only: every stream's requests all run to max_tokens."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_serve.py"
+    out = tmp_path / "r.json"
+    subprocess.run([sys.executable, str(script), "--engine-only", "--clients", "3", "--requests", "2",
+                    "--max-tokens", "5", "--rounds", "1", "--json", str(out)], check=True,
+                   capture_output=True, timeout=120)
+    r = json.loads(out.read_text())
+    assert r["single"]["tokens"] == 2 * 5 and r["concurrent"]["tokens"] == 3 * 2 * 5
+    assert r["concurrent"]["requests"] == 6
+    assert r["speedup"] == pytest.approx(r["concurrent"]["tokens_per_s"] / r["single"]["tokens_per_s"], abs=0.01)
