@@ -75,6 +75,8 @@ def headline(what: str, r: dict) -> dict[str, float]:
         out |= {"ours decode tok/s": vs["ours"]["decode_tokens_per_s"],
                 "hf decode tok/s": vs["transformers_generate"]["decode_tokens_per_s"],
                 "ours/hf decode": vs["speedup_decode"],
+                "ours/hf decode, lowest round": min(vs["speedup_decode_per_round"]),
+                "ours/hf decode, highest round": max(vs["speedup_decode_per_round"]),
                 "ours/hf total": vs["speedup_total"],
                 "ours TTFT ms": 1000 * vs["ours"]["ttft_s"],
                 "hf TTFT ms": 1000 * vs["transformers_generate"]["ttft_s"],

@@ -113,6 +113,9 @@ def test_decode_of_a_run_dir_vs_transformers(tmp_path, capsys):
     assert ours["new_tokens"] == theirs["new_tokens"] == 6
     assert math.isclose(vs["speedup_decode"], ours["decode_tokens_per_s"] / theirs["decode_tokens_per_s"])
     assert math.isclose(vs["speedup_ttft"], theirs["ttft_s"] / ours["ttft_s"])
+    pairs = zip(ours["decode_tokens_per_s_all"], theirs["decode_tokens_per_s_all"], strict=True)
+    assert vs["speedup_decode_per_round"] == pytest.approx([o / t for o, t in pairs])
+    assert len(vs["speedup_decode_per_round"]) == 3
     assert vs["tokens_match"]  # the export is faithful: same greedy tokens
     b = vs["bf16"]
     assert b["ours"]["new_tokens"] == b["transformers_generate"]["new_tokens"] == 6

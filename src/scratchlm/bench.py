@@ -494,6 +494,9 @@ def _vs_transformers(run_dir: str, model: Transformer, tok, prompt: list[int], G
             "speedup_decode": ours["decode_tokens_per_s"] / theirs["decode_tokens_per_s"],
             "speedup_total": theirs["total_s"] / ours["total_s"],
             "speedup_ttft": theirs["ttft_s"] / ours["ttft_s"],
+            # Each round's ours/theirs from runs seconds apart: robust to the machine's drifts.
+            "speedup_decode_per_round": [o["decode_tokens_per_s"] / t["decode_tokens_per_s"]
+                                         for o, t in zip(runs[(dt, "ours")], runs[(dt, "transformers_generate")])],
             "tokens_match": ours["tokens"] == theirs["tokens"],
         }
         if dt == "fp32":
@@ -524,8 +527,9 @@ def _print_decode(r: dict[str, Any]) -> None:
           f"(theory S(L,G) {r['theory_S']:.1f}x, token-count ratio {r['theory_token_ratio']:.1f}x); "
           f"greedy tokens identical: {r['tokens_match']}")
     if vs:
-        print(f"vs transformers {vs['transformers']} ({vs['hf_class']}), fp32: decode {vs['speedup_decode']:.2f}x, "
-              f"total {vs['speedup_total']:.2f}x, TTFT {vs['speedup_ttft']:.2f}x; "
+        per_round = ", ".join(f"{x:.2f}x" for x in vs["speedup_decode_per_round"])
+        print(f"vs transformers {vs['transformers']} ({vs['hf_class']}), fp32: decode {vs['speedup_decode']:.2f}x "
+              f"(rounds: {per_round}), total {vs['speedup_total']:.2f}x, TTFT {vs['speedup_ttft']:.2f}x; "
               f"greedy tokens identical: {vs['tokens_match']}")
         b = vs["bf16"]
         print(f"  bf16: decode {b['speedup_decode']:.2f}x, TTFT {b['speedup_ttft']:.2f}x; ours bf16 vs "
