@@ -88,6 +88,8 @@ def sample_next_token(
 
 def check_fits(prompt_len: int, max_new_tokens: int, context_length: int) -> None:
     """A prompt plus the tokens asked for must fit the context: say so plainly if not."""
+    if max_new_tokens < 1:
+        raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if prompt_len == 0:
         raise UserError("the prompt is empty: give at least one token of text")
     if prompt_len + max_new_tokens > context_length:
@@ -204,8 +206,6 @@ def generate_text(
 ) -> list[Generation]:
     """Generate from text prompts; `on_text(i, piece)` streams each prompt's new text as it
     becomes final (stop strings and incomplete UTF-8 sequences are held back until decided)."""
-    if max_new_tokens < 1:
-        raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     ids = [tokenizer.encode(p) for p in prompts]
     generator = None
     if seed is not None:
