@@ -233,6 +233,24 @@ def test_binds_loopback_by_default():
     assert inspect.signature(serve).parameters["host"].default == "127.0.0.1"
 
 
+def test_busy_or_impossible_port_is_a_one_line_error_before_anything_starts(run_dir, capsys):
+    import socket
+
+    from scratchlm.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", str(run_dir), "--port", str(port)]) == 2
+        out = capsys.readouterr()
+        assert out.out == ""  # no "serving ... at" line for a server that never listened
+        assert out.err.startswith(f"error: cannot listen on 127.0.0.1 port {port}: ")
+        assert len(out.err.strip().splitlines()) == 1
+    assert main(["serve", str(run_dir), "--port", "70000"]) == 2
+    assert capsys.readouterr().err == "error: --port must be between 0 and 65535, got 70000\n"
+
+
 # --- overload and disconnects ---------------------------------------------------------------
 
 LONG = {"prompt": "Hello", "max_tokens": CONTEXT - 10, "ignore_eos": True, "temperature": 0}

@@ -525,16 +525,40 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, max_ba
     """`scratchlm serve`: load the run and serve it until interrupted (Ctrl-C)."""
     import uvicorn
 
-    app = create_app(run_dir, max_batch=max_batch, api_key=api_key, max_queue=max_queue)
+    sock = listen(host, port)  # first: a busy port fails before the model loads
+    try:
+        app = create_app(run_dir, max_batch=max_batch, api_key=api_key, max_queue=max_queue)
+    except BaseException:
+        sock.close()
+        raise
     srv: _Server = app.state.server
     threads = _pick_threads(srv.engine)
     if host not in LOOPBACK_HOSTS:
         print(f"warning: binding to {host}: the server is reachable from other machines"
               + ("" if api_key else " and has no --api-key"), file=sys.stderr)
-    shown = f"[{host}]" if ":" in host else host
     print(f"serving {srv.model_name!r} (context {srv.context_length}, max batch {max_batch}, "
-          f"{threads}) at http://{shown}:{port}/  - playground at /, OpenAI API at /v1", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+          f"{threads}) at {_url(host, sock)}/  - playground at /, OpenAI API at /v1", flush=True)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on")).run(sockets=[sock])
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (port 0: a free one), or a one-line error saying why not."""
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port must be between 0 and 65535, got {port}")
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise UserError(f"cannot listen on {host} port {port}: {e.strerror or e}; choose another "
+                        "--port (or --host), or stop what is using it") from None
+    return sock
+
+
+def _url(host: str, sock: socket.socket) -> str:
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{sock.getsockname()[1]}"
 
 
 @contextmanager
@@ -549,9 +573,7 @@ def running_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0,
     """
     import uvicorn
 
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    sock = listen(host, port)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True,
                               name="scratchlm-uvicorn")
@@ -563,9 +585,8 @@ def running_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0,
             sock.close()
             raise RuntimeError("the server did not start")
         time.sleep(0.01)
-    shown = f"[{host}]" if ":" in host else host
     try:
-        yield f"http://{shown}:{sock.getsockname()[1]}"
+        yield _url(host, sock)
     finally:
         server.should_exit = True
         thread.join(timeout)
