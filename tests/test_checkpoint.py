@@ -113,8 +113,21 @@ class _Evil:
 def test_trainer_state_refuses_pickled_objects(tmp_path: Path) -> None:
     path = tmp_path / ckpt.TRAINER_STATE
     torch.save({"step": 1, "payload": _Evil()}, path)
-    with pytest.raises(UserError, match="cannot read"):
+    with pytest.raises(UserError, match="holds Python objects.*resume from another checkpoint"):
         ckpt.load_trainer_state(path)
+
+
+@pytest.mark.parametrize("damage", ["text", "truncated"])
+def test_damaged_trainer_state_says_damaged_not_unsafe(tmp_path: Path, damage: str) -> None:
+    path = tmp_path / ckpt.TRAINER_STATE
+    torch.save({"step": 1, "x": torch.zeros(1000)}, path)
+    data = path.read_bytes()
+    path.write_bytes(b"garbage\n" if damage == "text" else data[: len(data) // 2])
+    with pytest.raises(UserError) as e:
+        ckpt.load_trainer_state(path)
+    msg = str(e.value)
+    assert msg.startswith(f"cannot read {path}: ") and msg.endswith("resume from another checkpoint")
+    assert "Python objects" not in msg and "\n" not in msg
 
 
 def test_rng_state_round_trips() -> None:

@@ -505,6 +505,25 @@ def test_bad_inputs_are_one_line_user_errors(work, runs, capsys):
     assert err.startswith("error: ") and err.count("\n") == 1
 
 
+class _Evil:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_import_refuses_a_pickled_object_in_pytorch_model_bin(work, toks, capsys):
+    src = work / "hf-evil"
+    src.mkdir()
+    _write_gpt2_config(src, Tokenizer.load(toks["bpe"]))
+    shutil.copyfile(toks["bpe"], src / "tokenizer.json")
+    torch.save({"transformer.wte.weight": torch.zeros(2, 2), "x": _Evil()}, src / "pytorch_model.bin")
+    assert cli_main(["import-hf", str(src), "--out", str(work / "imported-evil")]) == 2
+    out = capsys.readouterr()
+    assert "this must never run" not in out.out
+    assert out.err.startswith("error: cannot read ") and "holds Python objects" in out.err
+    assert out.err.count("\n") == 1
+    assert not (work / "imported-evil").exists()
+
+
 def test_hf_dir_without_weights_is_a_user_error(work, toks):
     src = work / "hf-noweights"
     src.mkdir()

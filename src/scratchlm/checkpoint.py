@@ -281,20 +281,26 @@ def weights_step(path: str | Path) -> int | None:
     return int(step) if step is not None and step.isdigit() else None
 
 
-def load_trainer_state(path: str | Path) -> dict[str, Any]:
-    """trainer_state.pt, loaded with weights_only=True (tensors and primitives only)."""
-    from pickle import UnpicklingError  # only the exception torch.load's safe unpickler raises
+def torch_load_safe(path: str | Path, hint: str) -> Any:
+    """`torch.load(path, weights_only=True)`: tensors, numbers and containers only, never code.
+    A file that holds other objects, or is damaged, is a one-line `UserError` ending in `hint`."""
+    from pickle import UnpicklingError  # what torch.load's safe unpickler raises
 
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except UnpicklingError:
-        raise UserError(
-            f"cannot read {path}: it holds Python objects besides tensors and numbers, which "
-            "scratchlm never writes and will not load (that could run code)"
-        ) from None
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except UnpicklingError as e:
+        if "Unsupported global" in str(e):  # a class or function: loading it could run code
+            raise UserError(f"cannot read {path}: it holds Python objects besides tensors and "
+                            f"numbers, which scratchlm will not load (that could run code); {hint}") from None
+        raise UserError(f"cannot read {path}: it is damaged or not a PyTorch file; {hint}") from None
     except (OSError, RuntimeError, EOFError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot read {path}: {first}; resume from another checkpoint") from None
+        raise UserError(f"cannot read {path}: {first}; {hint}") from None
+
+
+def load_trainer_state(path: str | Path) -> dict[str, Any]:
+    """trainer_state.pt, loaded with weights_only=True (tensors and primitives only)."""
+    state = torch_load_safe(path, "resume from another checkpoint")
     if not isinstance(state, dict) or "step" not in state:
         raise UserError(f"{path} is not a scratchlm trainer state")
     return state

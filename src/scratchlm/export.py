@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from scratchlm.checkpoint import load_run, model_state, write_run
+from scratchlm.checkpoint import load_run, model_state, torch_load_safe, write_run
 from scratchlm.config import ModelConfig, RunConfig
 from scratchlm.errors import UserError
 from scratchlm.files import read_json, usual_permissions
@@ -403,7 +403,7 @@ def _read_hf_weights(src: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     def load_bin(p: Path) -> dict[str, torch.Tensor]:
-        return torch.load(p, map_location="cpu", weights_only=True)
+        return torch_load_safe(p, "convert it to model.safetensors where it came from, or use another copy")
 
     def load_st(p: Path) -> dict[str, torch.Tensor]:
         return load_file(str(p))
