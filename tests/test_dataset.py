@@ -174,7 +174,7 @@ def test_walk_skips_binaries_vcs_and_non_utf8(tmp_path: Path) -> None:
     prepare([str(root)], root / "other", "char", progress=False)
     _write_corpus(root / "corpus")
     assert prepare([str(root)], out, "char", progress=False)["documents"] == 2 + 6
-    assert meta["skipped"] == {"binary": 1, "not UTF-8": 1}
+    assert meta["skipped"] == {"binary": 1, "not UTF-8": 1, "not text or source by name": 1}
     vocab = Tokenizer.load(out / "tokenizer.json").hf.get_vocab()
     for letter in "ⒼⓃⒸé§":
         assert letter not in vocab
@@ -287,7 +287,11 @@ def test_bad_inputs(tmp_path: Path) -> None:
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "a.dat").write_bytes(b"\x00\x01")
     (tmp_path / "bin" / "b.txt").write_bytes(b"\x00\x01")
-    fails(r"no readable text in .*bin \(skipped: 1 binary", [tmp_path / "bin"])
+    fails(r"no readable text in .*bin \(skipped: .*1 binary \(e.g. .*b.txt", [tmp_path / "bin"])
+    (tmp_path / "pdfs").mkdir()
+    (tmp_path / "pdfs" / "paper.pdf").write_bytes(b"%PDF-1.4 ...")
+    fails(r"1 not text or source by name \(e.g. .*paper.pdf\); `scratchlm ingest` reads PDFs",
+          [tmp_path / "pdfs"])
     (tmp_path / "tiny.txt").write_text("h")
     fails("too few to split", [tmp_path / "tiny.txt"])
     fails("between 0 and 1", [tmp_path / "tiny.txt"], val_fraction=1.0)

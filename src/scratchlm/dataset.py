@@ -55,6 +55,8 @@ TEXT_NAMES = frozenset(
 SKIP_DIRS = frozenset(
     ".git .hg .svn node_modules .venv venv __pycache__ .mypy_cache .pytest_cache .tox".split()
 )
+# Walked files whose name is neither a text extension nor a known text name (README, ...).
+NOT_TEXT_BY_NAME = "not text or source by name"
 SHARD_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 
 _PIECE_CHARS = 1 << 18  # a long file is read and encoded in pieces of ~256 KiB, cut after "\n"
@@ -94,9 +96,12 @@ class _Skips:
             ex.append(str(path))
 
     def summary(self) -> str:
-        return ", ".join(
+        text = ", ".join(
             f"{n} {reason} (e.g. {', '.join(self.examples[reason])})" for reason, n in self.counts.items()
         )
+        if NOT_TEXT_BY_NAME in self.counts:
+            text += "; `scratchlm ingest` reads PDFs, HTML, images and more into a corpus that prepare takes"
+        return text
 
 
 def _iter_pieces(inputs: Sequence[Path], out_dir: Path, skips: _Skips) -> Iterator[_Piece]:
@@ -133,7 +138,8 @@ def _walk_pieces(root: Path, out_dir: Path, skips: _Skips) -> Iterator[_Piece]:
         for name in sorted(filenames):
             path = here / name
             if path.suffix.lower() not in TEXT_EXTENSIONS and name not in TEXT_NAMES:
-                continue  # not a text/source file by name: not counted, like .gitignore'd noise
+                skips.add(NOT_TEXT_BY_NAME, path)  # counted, so that a folder of PDFs says why
+                continue
             if not path.is_file():
                 skips.add("not a regular file", path)
                 continue
