@@ -254,6 +254,11 @@ def test_resume_refuses_another_architecture(data_dir: Path, tmp_path: Path) -> 
         train(tiny("train.max_steps=4", "model.n_layer=3"), data_dir, tmp_path / "run", resume=True)
     with pytest.raises(UserError, match="already holds a run"):
         train(tiny("train.max_steps=4"), data_dir, tmp_path / "run")
+    other = tmp_path / "other.txt"  # other characters: another tokenizer and vocabulary size
+    other.write_text("0123456789 +-*/=" * 200)
+    prepare([other], tmp_path / "other-data", tokenizer_kind="char", progress=False)
+    with pytest.raises(UserError, match="the run's tokenizer .* differs from the data's"):
+        train(tiny("train.max_steps=4"), tmp_path / "other-data", tmp_path / "run", resume=True)
 
 
 def test_sigterm_saves_a_checkpoint_that_resumes(data_dir: Path, tmp_path: Path) -> None:

@@ -432,6 +432,8 @@ def _start_run_dir(
             )
         return 0, None, None
     saved, _ = ckpt.read_run_config(out)
+    # The tokenizer first: other data has another vocabulary, which would read as a model change.
+    _check_same_tokenizer(out / "tokenizer.json", data_dir / "tokenizer.json")
     if dataclasses.asdict(saved.model) != dataclasses.asdict(cfg.model):
         a, b = dataclasses.asdict(saved.model), dataclasses.asdict(cfg.model)
         diff = ", ".join(f"model.{k} {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b[k])
@@ -439,7 +441,6 @@ def _start_run_dir(
             f"cannot resume {out} with a different architecture ({diff}); pass the run's original "
             "--preset/--config/--set, or train into a new --out"
         )
-    _check_same_tokenizer(out / "tokenizer.json", data_dir / "tokenizer.json")
     source, state = ckpt.find_resume_checkpoint(out)
     ta, tb = dataclasses.asdict(saved.train), dataclasses.asdict(cfg.train)
     changed = [f"train.{k} {ta[k]!r} -> {tb[k]!r}" for k in ta if ta[k] != tb[k]]
