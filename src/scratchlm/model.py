@@ -153,6 +153,7 @@ SMALL_GELU_CPU = 16384
 
 
 def gelu(x: torch.Tensor, approximate: str) -> torch.Tensor:
+    """F.gelu(x, approximate=approximate), through the faster CPU kernel for its size."""
     if approximate == "none" and x.device.type == "cpu" and x.numel() <= SMALL_GELU_CPU \
             and torch.backends.mkldnn.enabled:
         # The switch is process-wide; other threads' ops stay correct meanwhile (oneDNN is only
