@@ -128,6 +128,7 @@ def test_bad_inputs_are_recorded_and_never_stop_the_run(tmp_path):
         tf.addfile(info, io.BytesIO(data))
     write(src / "truncated.tar.gz", good_tgz.getvalue()[: len(good_tgz.getvalue()) // 2])
     write(src / "broken.pdf", b"%PDF-1.4\nnot really a pdf")
+    write(src / "notes.sqlite", b"SQLite format 3\x00" + bytes(100))
     os.symlink("self_loop", src / "self_loop")  # a symlink to itself
     os.symlink(".", src / "sub_loop")  # a directory link to an enclosing directory
     os.symlink("missing-target", src / "dangling.txt")
@@ -146,6 +147,7 @@ def test_bad_inputs_are_recorded_and_never_stop_the_run(tmp_path):
     assert by_suffix(m, "bad.zip")["status"] == "failed" and "archive" in by_suffix(m, "bad.zip")["reason"]
     assert by_suffix(m, "truncated.tar.gz")["status"] == "failed"
     assert by_suffix(m, "broken.pdf")["status"] in ("failed", "skipped") and by_suffix(m, "broken.pdf")["reason"]
+    assert by_suffix(m, "notes.sqlite")["reason"].endswith("ingest it as sqlite:///PATH with --table and --column")
     assert "symlink loop" in by_suffix(m, "self_loop")["reason"]
     assert "symlink into the same source" in by_suffix(m, "sub_loop")["reason"]
     assert by_suffix(m, "dangling.txt")["status"] == "skipped"

@@ -62,6 +62,14 @@ BINARY_EXT = frozenset(
     " .ttf .otf .woff .woff2 .eot .ico .icns .psd .ai .xcf .7z .rar .bz2 .xz .zst .lz4 .br .swf .doc"
     " .xls .ppt .xlsx .pptx .odt .ods .odp .svg .svgz .map .ipynb .gguf .tflite .pb .ps .eps .dvi".split()
 )
+# Binary formats with a better route than being skipped: the skip reason says which.
+_SKIP_HINTS = {
+    ".db": "if it is SQLite, ingest it as sqlite:///PATH with --table and --column",
+    ".sqlite": "ingest it as sqlite:///PATH with --table and --column",
+    ".sqlite3": "ingest it as sqlite:///PATH with --table and --column",
+    ".ipynb": "export notebooks first, e.g. `jupyter nbconvert --to markdown`",
+    ".doc": "convert legacy .doc files to .docx",
+}
 _MAGIC: list[tuple[bytes, str]] = [
     (b"%PDF", "pdf"), (b"\x89PNG", "image"), (b"\xff\xd8\xff", "image"), (b"GIF8", "image"),
     (b"BM", "image"), (b"II*\x00", "image"), (b"MM\x00*", "image"),
@@ -109,7 +117,8 @@ def extractor_for(path: Path, head: bytes) -> Extractor:
     if ext == ".epub":
         return _epub
     if ext in BINARY_EXT:
-        raise Skip(f"unsupported binary format ({ext})")
+        hint = _SKIP_HINTS.get(ext)
+        raise Skip(f"unsupported binary format ({ext})" + (f": {hint}" if hint else ""))
     if ext in HTML_EXT:
         return web.extract
     if ext in JSON_EXT:
