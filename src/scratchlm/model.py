@@ -173,10 +173,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + rotated * sin).type_as(x)
 
 
-# Inside a block the linear layers are applied as F.linear(x, layer.weight, layer.bias) rather
-# than layer(x): the nn.Module call machinery (hook checks, attribute lookups) was ~25% of the
-# Python time of a batch-1 decode step on the 2-core CPU (cProfile), for identical arithmetic.
-# The nn.Linear modules stay: they name the weights (state dict, export) and own their init.
+# Inside a block nothing goes through nn.Module.__call__: linears are applied as
+# F.linear(x, layer.weight, layer.bias) and the norms, attention and MLP through .forward. The
+# call machinery (hook checks, attribute lookups) was ~25% of the Python time of a batch-1
+# decode step on the 2-core CPU (cProfile), ~9 us a call, for identical arithmetic. The modules
+# stay: they name the weights (state dict, export) and own their init. Hooks belong on whole
+# blocks (DDP wraps the model; a block is the unit to shard or checkpoint).
 
 
 class Attention(nn.Module):
@@ -262,9 +264,7 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, rope, step, layer):  # (B, T, C) -> (B, T, C)
-        # The submodules' forward is called directly: nn.Module.__call__ (hook checks) cost ~9 us
-        # a call on the 2-core CPU, 24 calls in a decode step of `small` (~6% of it). Hooks
-        # belong on whole blocks (DDP wraps the model; this is the unit to shard or checkpoint).
+        # .forward, not __call__: see the note above Attention (24 calls a decode step of `small`).
         x = x + self.attn.forward(self.norm1.forward(x), rope, step, layer)
         return x + self.mlp.forward(self.norm2.forward(x))
 

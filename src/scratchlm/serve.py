@@ -523,8 +523,6 @@ def _pick_threads(engine: Engine) -> str:
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,
           api_key: str | None = None, max_queue: int = 64) -> None:
     """`scratchlm serve`: load the run and serve it until interrupted (Ctrl-C)."""
-    import uvicorn
-
     sock = listen(host, port)  # first: a busy port fails before the model loads
     try:
         app = create_app(run_dir, max_batch=max_batch, api_key=api_key, max_queue=max_queue)
@@ -538,7 +536,7 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, max_ba
               + ("" if api_key else " and has no --api-key"), file=sys.stderr)
     print(f"serving {srv.model_name!r} (context {srv.context_length}, max batch {max_batch}, "
           f"{threads}) at {_url(host, sock)}/  - playground at /, OpenAI API at /v1", flush=True)
-    uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on")).run(sockets=[sock])
+    _uvicorn(app).run(sockets=[sock])
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -556,6 +554,13 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _uvicorn(app: FastAPI):
+    """The uvicorn server for `app` (serve and running_server run it on their own socket)."""
+    import uvicorn
+
+    return uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+
+
 def _url(host: str, sock: socket.socket) -> str:
     shown = f"[{host}]" if ":" in host else host
     return f"http://{shown}:{sock.getsockname()[1]}"
@@ -571,10 +576,8 @@ def running_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0,
         >>> with running_server(create_app("runs/demo/run")) as url:  # doctest: +SKIP
         ...     httpx.get(url + "/health").json()
     """
-    import uvicorn
-
     sock = listen(host, port)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server = _uvicorn(app)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True,
                               name="scratchlm-uvicorn")
     thread.start()
