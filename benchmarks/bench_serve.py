@@ -106,12 +106,21 @@ async def one_request(http: httpx.AsyncClient, url: str, max_tokens: int) -> tup
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (0 where /proc is missing)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time so far of a process and its descendants (the server and its
+    engine process); 0 where /proc is missing."""
+    stats = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        stats[int(stat.parent.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+    tree, total = {pid}, 0
+    for p in sorted(stats):  # children have larger pids than their parent here (no wrap-around)
+        if p == pid or stats[p][0] in tree:
+            tree.add(p)
+            total += stats[p][1]
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 async def phase(url: str, clients: int, requests: int, max_tokens: int, pid: int) -> dict:
@@ -121,15 +130,17 @@ async def phase(url: str, clients: int, requests: int, max_tokens: int, pid: int
     limits = httpx.Limits(max_connections=clients + 2)
     async with httpx.AsyncClient(timeout=300, limits=limits) as http:
         await one_request(http, url, 8)  # warm-up
-        cpu0, t0 = cpu_seconds(pid), time.perf_counter()
+        cpu0, own0, t0 = cpu_seconds(pid), time.process_time(), time.perf_counter()
         results = await asyncio.gather(*(client(http) for _ in range(clients)))
         wall, cpu = time.perf_counter() - t0, cpu_seconds(pid) - cpu0
+        own = time.process_time() - own0
     flat = [r for rs in results for r in rs]
     tokens = sum(t for t, _ in flat)
     assert tokens == clients * requests * max_tokens, (tokens, clients * requests * max_tokens)
     return {"clients": clients, "requests": len(flat), "tokens": tokens, "seconds": round(wall, 3),
             "tokens_per_s": round(tokens / wall, 1),
             "server_cpu_ms_per_token": round(1000 * cpu / tokens, 3),
+            "client_cpu_ms_per_token": round(1000 * own / tokens, 3),
             "mean_ttft_ms": round(1000 * sum(f for _, f in flat) / len(flat), 1)}
 
 
@@ -172,14 +183,14 @@ def engine_phase(engine, prompt: list[int], clients: int, requests: int, max_tok
 def engine_only(a: argparse.Namespace) -> None:
     from scratchlm.checkpoint import load_run
     from scratchlm.engine import Engine
-    from scratchlm.serve import _pick_threads
+    from scratchlm.engine import pick_threads as _pick_threads
 
     with tempfile.TemporaryDirectory() as tmp:
         model, tok, _ = load_run(build_run(Path(tmp), a.preset))
     if a.threads > 0:
         torch.set_num_threads(a.threads)
     engine = Engine(model, tok, max_batch=a.max_batch).start()
-    threads = f"{a.threads} torch threads" if a.threads > 0 else _pick_threads(engine)
+    threads = f"{a.threads} torch threads" if a.threads > 0 else _pick_threads(engine.model)
     prompt = tok.encode(PROMPT)
     try:
         engine_phase(engine, prompt, 1, 1, 8)  # warm-up
@@ -252,7 +263,8 @@ def main() -> None:
     }
     for name, ph in (("1 client ", single), (f"{a.clients} clients", multi)):
         print(f"{name}: {ph['tokens_per_s']:8.1f} tokens/s  ({ph['tokens']} tokens in {ph['seconds']} s, "
-              f"mean TTFT {ph['mean_ttft_ms']} ms, server CPU {ph['server_cpu_ms_per_token']} ms/token)")
+              f"mean TTFT {ph['mean_ttft_ms']} ms, server CPU {ph['server_cpu_ms_per_token']} ms/token, "
+              f"clients' CPU {ph['client_cpu_ms_per_token']} ms/token)")
     print(f"speedup  : {result['speedup']}x (target >= 4x); server CPU per token: "
           f"{result['cpu_speedup']}x less; per round: {result['per_round_tokens_per_s']}")
     if a.json:
