@@ -197,9 +197,155 @@ def test_streaming_holds_back_incomplete_utf8():
     (first, second) = tok.encode("é")  # no merge covers it: two byte tokens
     eng = Engine(tiny_model(tok.vocab_size), tok, max_batch=1)
     sent: list[Event] = []
-    req = Request([first], GenerationParams(max_tokens=10), sent.append, 0, torch.device("cpu"))
+    req = Request([first], GenerationParams(max_tokens=10), sent.append, 0)
     eng._accept(req, tok.encode("a")[0])
     eng._accept(req, first)
     assert [e.text for e in sent] == ["a"]  # half a character: nothing yet
     eng._accept(req, second)
     assert [e.text for e in sent] == ["a", "é"]
+
+
+# --- the engine in its own process (what `scratchlm serve` runs) ------------------------------
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tok, model):
+    from scratchlm.checkpoint import write_run
+    from scratchlm.config import RunConfig
+
+    d = tmp_path_factory.mktemp("engine-run")
+    tok.save(d / "tokenizer.json")
+    write_run(d / "run", model, RunConfig(model=model.cfg), d / "tokenizer.json")
+    return d / "run"
+
+
+def collect(engine, prompts, params) -> tuple[list, dict[int, list[Event]]]:
+    """Submit and wait for every request's last event; (requests, events by index)."""
+    events: queue.Queue[Event] = queue.Queue()
+    reqs = engine.submit(prompts, params, events.put)
+    got: dict[int, list[Event]] = {i: [] for i in range(len(prompts))}
+    while sum(1 for evs in got.values() if evs and evs[-1].finish_reason) < len(prompts):
+        ev = events.get(timeout=30)
+        got[ev.index].append(ev)
+    return reqs, got
+
+
+def test_engine_process_equals_the_engine_in_this_process(run_dir, engine, tok):
+    """Same requests (greedy, seeded sampling, a stop string) through the child process and
+    through an in-process engine: the same text, ids, finish reasons and token counts; the
+    parent's mirrors and counters follow the child's."""
+    from scratchlm.engine import EngineProcess
+
+    prompts = [tok.encode(p) for p in ("Hello", "The quick", "abc")]
+    params = [GenerationParams(max_tokens=40, sampling=GREEDY),
+              GenerationParams(max_tokens=30, sampling=SamplingConfig(temperature=1.0, top_k=20), seed=7),
+              GenerationParams(max_tokens=50, sampling=GREEDY, stop=["o"])]
+    want_reqs, want = collect(engine, prompts, params)
+    child = EngineProcess(run_dir, max_batch=2, max_queue=4).start()  # 3 requests, 2 slots: one waits
+    try:
+        assert child.alive and "thread" in child.threads
+        reqs, got = collect(child, prompts, params)
+        for i in range(3):
+            assert "".join(e.text for e in got[i]) == "".join(e.text for e in want[i]) == reqs[i].text
+            assert [t for e in got[i] for t in e.ids] == reqs[i].tokens == want_reqs[i].tokens
+            assert got[i][-1].finish_reason == want[i][-1].finish_reason
+            assert got[i][-1].completion_tokens == len(reqs[i].tokens)
+            assert reqs[i].t_submit <= reqs[i].t_first_token <= reqs[i].t_done
+        assert child.generation_tokens_total == sum(len(r.tokens) for r in reqs)
+        assert child.running == 0 and child.queue_depth == 0
+    finally:
+        child.stop()
+    assert not child.alive and child.process.returncode == 0
+    with pytest.raises(EngineClosed):
+        child.submit([prompts[0]], params[0], lambda ev: None)
+
+
+def test_engine_process_queue_bound_and_cancel(run_dir, tok):
+    """The parent refuses beyond max_batch + max_queue without asking the child (it counts
+    requests until it sees them finish); a cancel reaches the child, frees the slot, and the
+    request ends "cancelled" before its max_tokens."""
+    from scratchlm.engine import EngineProcess
+
+    child = EngineProcess(run_dir, max_batch=1, max_queue=0).start()
+    try:
+        long = GenerationParams(max_tokens=100, ignore_eos=True)
+        events: queue.Queue[Event] = queue.Queue()
+        (req,) = child.submit([tok.encode("Hello")], long, events.put)
+        with pytest.raises(QueueFull):
+            child.submit([tok.encode("abc")], long, lambda ev: None)
+        child.cancel(req)
+        while (ev := events.get(timeout=30)).finish_reason is None:
+            pass
+        assert ev.finish_reason == "cancelled" and req.done and len(req.tokens) < 100
+        _, got = collect(child, [tok.encode("abc")], GenerationParams(max_tokens=5, ignore_eos=True))
+        assert got[0][-1].finish_reason == "length" and got[0][-1].completion_tokens == 5
+    finally:
+        child.stop()
+
+
+def test_engine_process_death_fails_its_requests(run_dir, tok):
+    """If the child dies (killed, out of memory), running requests end with an error event
+    instead of hanging, and the engine reports itself closed."""
+    import os
+    import signal
+
+    from scratchlm.engine import EngineProcess
+
+    child = EngineProcess(run_dir, max_batch=1, max_queue=4).start()
+    events: queue.Queue[Event] = queue.Queue()
+    child.submit([tok.encode("Hello")] * 3, GenerationParams(max_tokens=120, ignore_eos=True), events.put)
+    os.kill(child.process.pid, signal.SIGKILL)
+    ends = []
+    while len(ends) < 3:
+        ev = events.get(timeout=30)
+        if ev.finish_reason is not None:
+            ends.append(ev)
+    assert {e.finish_reason for e in ends} == {"error"}
+    assert all("exited unexpectedly" in e.error for e in ends)
+    assert not child.alive
+    with pytest.raises(EngineClosed):
+        child.submit([tok.encode("abc")], GenerationParams(max_tokens=5), lambda ev: None)
+    child.stop()  # harmless after the fact
+
+
+def test_engine_process_exits_with_its_parent(run_dir, tmp_path):
+    """A parent that dies without cleaning up (kill -9) leaves no engine process behind: the
+    child sees its command pipe close and exits."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import os, sys; from scratchlm.engine import EngineProcess\n"
+              f"e = EngineProcess({str(run_dir)!r}).start()\n"
+              "print(e.process.pid, flush=True); os._exit(0)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    pid = int(out.stdout.split()[0])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        # A zombie counts as gone: it is no longer running (its parent exited, init reaps it).
+        try:
+            if open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z":
+                return
+        except OSError:
+            return
+        time.sleep(0.1)
+    pytest.fail(f"engine process {pid} still running 30 s after its parent died")
+
+
+def test_engine_process_unloadable_run_is_a_user_error(run_dir, tmp_path):
+    """Damaged weights: the child's load error comes back as the parent's one-line UserError."""
+    import shutil
+
+    from scratchlm.engine import EngineProcess
+    from scratchlm.errors import UserError
+
+    bad = tmp_path / "bad"
+    shutil.copytree(run_dir, bad)
+    (bad / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(UserError) as e:
+        EngineProcess(bad).start()
+    assert "\n" not in str(e.value) and str(e.value)

@@ -63,8 +63,10 @@ def client(server):
 @pytest.fixture(scope="module")
 def one_slot(run_dir):
     """One slot, no waiting room: the second concurrent request is refused. The model is slowed
-    to >= 5 ms a step so that a long generation is surely still running when the test acts."""
-    app = create_app(run_dir, max_batch=1, max_queue=0)
+    to >= 5 ms a step so that a long generation is surely still running when the test acts; to
+    reach the model this server runs its engine as a thread (the child process's queue bound
+    and cancel are tested in test_engine.py)."""
+    app = create_app(run_dir, max_batch=1, max_queue=0, engine="thread")
     model = app.state.server.engine.model
     fast = model.forward
 
@@ -283,6 +285,21 @@ def test_stream_interval_grows_with_open_streams_within_the_chunk_budget():
         assert iv > base and n / iv <= MAX_CHUNKS_PER_S * (1 + 1e-9) or iv == MAX_STREAM_INTERVAL
     assert stream_interval_for(base, 10_000) == MAX_STREAM_INTERVAL
     assert stream_interval_for(0.5, 10_000) == 0.5  # a longer interval asked for is kept
+
+
+def test_last_chunk_does_not_wait_for_the_stream_interval(run_dir):
+    """A stream gathers tokens for up to the stream interval per chunk, but a finished
+    request's last chunk goes at once: with a 1 s interval a 3-token stream ends well within
+    it (before, the last chunk waited out the interval, and so did the client's next request)."""
+    body = {"prompt": "Hello", "max_tokens": 3, "temperature": 0, "ignore_eos": True, "stream": True}
+    with running_server(create_app(run_dir, stream_interval=1.0, engine="thread")) as url:
+        httpx.post(url + "/v1/completions", json={**body, "stream": False}, timeout=30)  # warm-up
+        t = time.perf_counter()
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
+            lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+        elapsed = time.perf_counter() - t
+    assert lines[-1] == "data: [DONE]" and len(lines) >= 3
+    assert elapsed < 0.6, f"the stream took {elapsed:.2f} s with a 1 s interval"
 
 
 def test_disconnect_mid_stream_frees_the_slot(one_slot):

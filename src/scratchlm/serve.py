@@ -14,7 +14,7 @@ Driven by `scratchlm serve RUN_DIR [--host 127.0.0.1] [--port 8000] [--max-batch
 | GET  /metrics              | Prometheus text: requests, tokens, queue depth, latencies     |
 
 All generation goes through `scratchlm.engine.Engine` (continuous batching over
-`generate.sample_next_token`). Errors have OpenAI's shape,
+`generate.sample_next_token`), which `serve` runs in a child process (`EngineProcess`). Errors have OpenAI's shape,
 `{"error": {"message", "type", "param", "code"}}`: 400 for bad input, 401 for a missing or
 wrong API key, 429 when the queue is full, 503 when the engine is not running.
 """
@@ -59,7 +59,7 @@ from scratchlm.api import (
     render_chat,
     stop_list,
 )
-from scratchlm.engine import Engine, EngineClosed, EventStream, GenerationParams, QueueFull
+from scratchlm.engine import Engine, EngineClosed, EngineProcess, EventStream, GenerationParams, QueueFull
 from scratchlm.generate import SamplingConfig
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def stream_interval_for(base: float, open_streams: int) -> float:
 class _Server:
     """What the endpoints share: the engine, the tokenizer, the model's name and limits."""
 
-    def __init__(self, engine: Engine, tokenizer, model_name: str, api_key: str | None,
+    def __init__(self, engine: Engine | EngineProcess, tokenizer, model_name: str, api_key: str | None,
                  created: int) -> None:
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
         self.api_key, self.created = api_key, created
@@ -203,8 +203,8 @@ class _Server:
 
 def create_app(run_dir: str | Path, max_batch: int = 8, api_key: str | None = None,
                max_queue: int = 64, *, model_name: str | None = None, device: str = "cpu",
-               stream_interval: float | None = None) -> FastAPI:
-    """Load RUN_DIR and build the app; the engine thread runs while the app is served.
+               stream_interval: float | None = None, engine: str = "process") -> FastAPI:
+    """Load RUN_DIR and build the app; the engine runs until the app's shutdown.
 
     Args:
         run_dir: a scratchlm run directory (`load_run`).
@@ -213,13 +213,20 @@ def create_app(run_dir: str | Path, max_batch: int = 8, api_key: str | None = No
         max_queue: requests that may wait for a slot before the server answers 429.
         model_name: the id clients pass as `model` (default: the run directory's name).
         stream_interval: see `STREAM_INTERVAL` (default: $SCRATCHLM_STREAM_INTERVAL or that).
+        engine: "process" (what `serve` runs): the model lives in a child process
+            (`EngineProcess`, which says why), started here so that a run that cannot load
+            fails now; "thread": an `Engine` thread in this process, started with the app
+            (tests reach its model through `app.state.server.engine.model`).
 
     Example:
         >>> app = create_app("runs/demo/run")          # doctest: +SKIP
         >>> uvicorn.run(app, host="127.0.0.1", port=8000)  # doctest: +SKIP
     """
     from scratchlm.checkpoint import load_run
+    from scratchlm.tokenizer import Tokenizer
 
+    if engine not in ("process", "thread"):
+        raise ValueError(f"engine must be 'process' or 'thread', got {engine!r}")
     if max_batch < 1:
         raise UserError(f"--max-batch must be >= 1, got {max_batch}")
     if max_queue < 0:
@@ -227,11 +234,6 @@ def create_app(run_dir: str | Path, max_batch: int = 8, api_key: str | None = No
     if api_key is not None and not api_key.strip():
         raise UserError("--api-key is empty; give a key or leave the option out")
     run_dir = Path(run_dir)
-    model, tokenizer, _ = load_run(run_dir, device=device)
-    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
-    name = model_name or run_dir.resolve().name
-    created = int((run_dir / "config.json").stat().st_mtime)
-    srv = _Server(engine, tokenizer, name, api_key, created)
     if stream_interval is None:
         raw = os.environ.get("SCRATCHLM_STREAM_INTERVAL", str(STREAM_INTERVAL))
         try:
@@ -240,13 +242,24 @@ def create_app(run_dir: str | Path, max_batch: int = 8, api_key: str | None = No
             raise UserError(f"SCRATCHLM_STREAM_INTERVAL must be a number of seconds, got {raw!r}") from None
     if not 0 <= stream_interval <= 1:
         raise UserError(f"the stream interval must be in [0, 1] seconds, got {stream_interval}")
+    if engine == "process":
+        eng: Engine | EngineProcess = EngineProcess(run_dir, max_batch, max_queue, device).start()
+        tokenizer = Tokenizer.load(run_dir / "tokenizer.json")  # the child has checked the run
+    else:
+        model, tokenizer, _ = load_run(run_dir, device=device)
+        eng = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
+    name = model_name or run_dir.resolve().name
+    created = int((run_dir / "config.json").stat().st_mtime)
+    srv = _Server(eng, tokenizer, name, api_key, created)
     srv.stream_interval = stream_interval
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine.start()
-        yield
-        engine.stop()
+        eng.start()
+        try:
+            yield
+        finally:
+            eng.stop()
 
     app = FastAPI(title="scratchlm", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = srv
@@ -270,10 +283,10 @@ def create_app(run_dir: str | Path, max_batch: int = 8, api_key: str | None = No
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        alive = engine._thread is not None and engine._thread.is_alive()
+        alive = eng.alive
         body = {"status": "ok" if alive else "unavailable", "model": name,
-                "context_length": srv.context_length, "running": engine.running,
-                "waiting": engine.queue_depth, "max_batch": engine.max_batch,
+                "context_length": srv.context_length, "running": eng.running,
+                "waiting": eng.queue_depth, "max_batch": eng.max_batch,
                 "auth": api_key is not None}
         return JSONResponse(body, status_code=200 if alive else 503)
 
@@ -460,7 +473,7 @@ async def _sse(srv: _Server, stream: EventStream, parsed: ParsedRequest, chat: b
             interval = stream_interval_for(srv.stream_interval, srv.metrics.open_streams)
             wait = interval - (time.perf_counter() - last_send)
             if wait > 0:  # gather this much output into one chunk (fewer, larger writes)
-                await asyncio.sleep(wait)
+                await stream.hold(wait)
             events = await stream.next_batch()
             last_send = time.perf_counter()
             pieces: dict[int, list] = {}  # index -> [text, finish_reason]
@@ -500,26 +513,6 @@ async def _sse(srv: _Server, stream: EventStream, parsed: ParsedRequest, chat: b
 
 # --- the command -----------------------------------------------------------------------------
 
-SMALL_MODEL_PARAMS = 20_000_000
-"""Below this many parameters a decode step is ~50 tiny operations: intra-op threads cost more
-than they save, and on a busy machine they stall each other (on the loaded 2-core development
-machine one stream from the tiny preset ran at 349 tokens/s with 1 thread, 59 with 2)."""
-
-
-def _pick_threads(engine: Engine) -> str:
-    """One torch thread for small models on CPU unless OMP_NUM_THREADS says otherwise; the
-    choice is printed in the start-up line."""
-    import torch
-
-    if "OMP_NUM_THREADS" in os.environ:
-        return f"{torch.get_num_threads()} torch threads from OMP_NUM_THREADS"
-    if engine.device.type == "cpu" and engine.model.num_params(non_embedding=False) < SMALL_MODEL_PARAMS:
-        torch.set_num_threads(1)
-        return "1 torch thread for a small model; set OMP_NUM_THREADS to change"
-    return f"{torch.get_num_threads()} torch threads"
-
-
-
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,
           api_key: str | None = None, max_queue: int = 64) -> None:
     """`scratchlm serve`: load the run and serve it until interrupted (Ctrl-C)."""
@@ -530,7 +523,7 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, max_ba
         sock.close()
         raise
     srv: _Server = app.state.server
-    threads = _pick_threads(srv.engine)
+    threads = srv.engine.threads
     if host not in LOOPBACK_HOSTS:
         print(f"warning: binding to {host}: the server is reachable from other machines"
               + ("" if api_key else " and has no --api-key"), file=sys.stderr)
