@@ -349,3 +349,28 @@ def test_engine_process_unloadable_run_is_a_user_error(run_dir, tmp_path):
     with pytest.raises(UserError) as e:
         EngineProcess(bad).start()
     assert "\n" not in str(e.value) and str(e.value)
+
+
+def test_engine_process_loses_no_request_that_finishes_at_once(run_dir, tok):
+    """Many one-token requests, submitted while others stream: each one's only event can come
+    back before `submit` returns, and every one must still finish (the parent registers a
+    request before sending it; it used to register after, and a fast reply was dropped: with
+    a 20 ms stall between the two, this test loses requests)."""
+    from scratchlm.engine import EngineProcess
+
+    child = EngineProcess(run_dir, max_batch=8, max_queue=400).start()
+    try:
+        finished: queue.Queue[Event] = queue.Queue()
+
+        def sink(ev: Event) -> None:
+            if ev.finish_reason is not None:
+                finished.put(ev)
+
+        child.submit([tok.encode("Hello")] * 4, GenerationParams(max_tokens=100, ignore_eos=True), sink)
+        n = 300
+        for i in range(n):
+            child.submit([tok.encode("abc"[: 1 + i % 3])], GenerationParams(max_tokens=1, ignore_eos=True), sink)
+        ends = [finished.get(timeout=30) for _ in range(n + 4)]
+        assert sum(e.completion_tokens == 1 for e in ends) == n
+    finally:
+        child.stop()

@@ -702,10 +702,12 @@ class EngineProcess:
                     f"server overloaded: {in_flight} requests running or waiting (max_batch "
                     f"{self.max_batch}, max_queue {self.max_queue}); retry later"
                 )
-            if not self._send(("submit", [(r.id, r.prompt, r.params) for r in reqs])):
-                raise EngineClosed("the engine process is not running")
-            for req in reqs:
+            for req in reqs:  # before sending: the reader may see their events at once
                 self._reqs[req.id] = req
+            if not self._send(("submit", [(r.id, r.prompt, r.params) for r in reqs])):
+                for req in reqs:
+                    del self._reqs[req.id]
+                raise EngineClosed("the engine process is not running")
         return reqs
 
     def cancel(self, req: Request) -> None:
