@@ -740,7 +740,9 @@ class EngineProcess:
                 req = self._reqs.get(rid)
                 if req is None:
                     continue
-                if req.t_first_token is None and ids:
+                # A first token, or an end ("stop"/"length") right after the prefill (say a
+                # first token that is end-of-text); not a cancel or error before any token.
+                if req.t_first_token is None and (ids or reason in ("stop", "length")):
                     req.t_first_token = now
                 req.tokens += ids
                 req.text += text
