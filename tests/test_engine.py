@@ -372,9 +372,9 @@ def test_engine_process_loses_no_request_that_finishes_at_once(run_dir, tok):
                 finished.put(ev)
 
         child.submit([tok.encode("Hello")] * 4, GenerationParams(max_tokens=100, ignore_eos=True), sink)
-        n = 300
+        n, one = 300, GenerationParams(max_tokens=1, ignore_eos=True)
         for i in range(n):
-            child.submit([tok.encode("abc"[: 1 + i % 3])], GenerationParams(max_tokens=1, ignore_eos=True), sink)
+            child.submit([tok.encode("abc"[: 1 + i % 3])], one, sink)
         ends = [finished.get(timeout=30) for _ in range(n + 4)]
         assert sum(e.completion_tokens == 1 for e in ends) == n
     finally:

@@ -626,8 +626,10 @@ class EngineProcess:
         env = dict(os.environ)
         src = str(Path(__file__).resolve().parents[1])  # where this scratchlm is imported from
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
-        code = "import sys; from scratchlm.engine import _engine_process_main; _engine_process_main(sys.argv[1:])"
-        args = [self.run_dir, self.device, str(self.max_batch), str(self.max_queue), str(cmd_r), str(res_w)]
+        code = ("import sys; from scratchlm.engine import _engine_process_main; "
+                "_engine_process_main(sys.argv[1:])")
+        args = [self.run_dir, self.device, str(self.max_batch), str(self.max_queue),
+                str(cmd_r), str(res_w)]
         try:
             self.process = subprocess.Popen([sys.executable, "-c", code, *args], env=env,
                                             pass_fds=(cmd_r, res_w), stdin=subprocess.DEVNULL)
@@ -777,7 +779,8 @@ def _engine_process_main(argv: list[str]) -> None:
     max_batch, max_queue, fd_in, fd_out = (int(a) for a in argv[2:6])
     commands, results = Connection(fd_in, writable=False), Connection(fd_out, readable=False)
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
+    # Ctrl-C reaches the whole process group; the parent decides when this process stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         model, tokenizer, _ = load_run(run_dir, device=device)
         threads = pick_threads(model)

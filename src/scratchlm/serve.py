@@ -14,9 +14,10 @@ Driven by `scratchlm serve RUN_DIR [--host 127.0.0.1] [--port 8000] [--max-batch
 | GET  /metrics              | Prometheus text: requests, tokens, queue depth, latencies     |
 
 All generation goes through `scratchlm.engine.Engine` (continuous batching over
-`generate.sample_next_token`), which `serve` runs in a child process (`EngineProcess`). Errors have OpenAI's shape,
-`{"error": {"message", "type", "param", "code"}}`: 400 for bad input, 401 for a missing or
-wrong API key, 429 when the queue is full, 503 when the engine is not running.
+`generate.sample_next_token`), which `serve` runs in a child process (`EngineProcess`).
+Errors have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 400 for bad
+input, 401 for a missing or wrong API key, 429 when the queue is full, 503 when the engine is
+not running.
 """
 
 from __future__ import annotations
