@@ -14,6 +14,10 @@ The two phases alternate for `--rounds` rounds and the medians are reported (sha
 are noisy), with the server process's CPU time per token, which load on the machine barely
 changes (Linux only).
 
+`--vs-thread` also starts the same app with the engine as a thread of the server process
+(`create_app(engine="thread")`, what `serve` ran before it moved the engine to a child process)
+and has the two servers take turns, phase by phase.
+
 `--engine-only` runs the same two phases on `scratchlm.engine.Engine` in this process, with no
 HTTP, threads chosen as `serve` chooses them: what continuous batching gains before the server's
 streaming costs its share.
@@ -70,6 +74,26 @@ def start_server(run: Path, port: int, max_batch: int, threads: int) -> subproce
         env["OMP_NUM_THREADS"] = str(threads)
     return subprocess.Popen([sys.executable, "-m", "scratchlm.cli", "serve", str(run), "--port",
                              str(port), "--max-batch", str(max_batch)], env=env)
+
+
+# The same app with the engine as a thread of the server (`--vs-thread`), threads as serve picks.
+THREAD_SERVER = """\
+import sys
+from scratchlm.engine import pick_threads
+from scratchlm.serve import _uvicorn, create_app, listen
+run, port, max_batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+app = create_app(run, max_batch=max_batch, engine="thread")
+pick_threads(app.state.server.engine.model)
+_uvicorn(app).run(sockets=[listen("127.0.0.1", port)])
+"""
+
+
+def start_thread_server(run: Path, port: int, max_batch: int, threads: int) -> subprocess.Popen:
+    env = dict(os.environ)
+    if threads > 0:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return subprocess.Popen([sys.executable, "-c", THREAD_SERVER, str(run), str(port), str(max_batch)],
+                            env=env)
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
@@ -209,6 +233,26 @@ def engine_only(a: argparse.Namespace) -> None:
                                             "concurrent": multi, "speedup": speedup}, indent=2) + "\n")
 
 
+def summarise(rounds: list[tuple[dict, dict]]) -> dict:
+    single, multi = (median_phase([r[i] for r in rounds]) for i in (0, 1))
+    return {
+        "single": single, "concurrent": multi,
+        "speedup": round(multi["tokens_per_s"] / single["tokens_per_s"], 2),
+        "cpu_speedup": round(single["server_cpu_ms_per_token"] / multi["server_cpu_ms_per_token"], 2)
+        if multi["server_cpu_ms_per_token"] else None,
+        "per_round_tokens_per_s": [[s["tokens_per_s"], m["tokens_per_s"]] for s, m in rounds],
+    }
+
+
+def report(result: dict, clients: int) -> None:
+    for name, ph in (("1 client ", result["single"]), (f"{clients} clients", result["concurrent"])):
+        print(f"{name}: {ph['tokens_per_s']:8.1f} tokens/s  ({ph['tokens']} tokens in {ph['seconds']} s, "
+              f"mean TTFT {ph['mean_ttft_ms']} ms, server CPU {ph['server_cpu_ms_per_token']} ms/token, "
+              f"clients' CPU {ph['client_cpu_ms_per_token']} ms/token)")
+    print(f"speedup  : {result['speedup']}x (target >= 4x); server CPU per token: "
+          f"{result['cpu_speedup']}x less; per round: {result['per_round_tokens_per_s']}")
+
+
 def median_phase(phases: list[dict]) -> dict:
     """The round with the median throughput (its other figures come with it)."""
     return sorted(phases, key=lambda ph: ph["tokens_per_s"])[len(phases) // 2]
@@ -227,46 +271,50 @@ def main() -> None:
                    "model this small)")
     p.add_argument("--engine-only", action="store_true",
                    help="time the engine in this process, without the HTTP server")
+    p.add_argument("--vs-thread", action="store_true",
+                   help="also serve the same run with the engine as a thread of the server "
+                   "(create_app(engine='thread')), taking turns with `serve`'s child process")
     p.add_argument("--json", help="also write the figures here")
     a = p.parse_args()
     if a.engine_only:
         engine_only(a)
         return
+    starters = {"process": start_server}
+    if a.vs_thread:
+        starters["thread"] = start_thread_server
     with tempfile.TemporaryDirectory() as tmp:
         run = build_run(Path(tmp), a.preset)
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        proc = start_server(run, port, a.max_batch, a.threads)
+        servers = {}
         try:
-            wait_ready(url, proc)
-            rounds = []
-            for _ in range(a.rounds):
-                rounds.append((asyncio.run(phase(url, 1, a.requests, a.max_tokens, proc.pid)),
-                               asyncio.run(phase(url, a.clients, a.requests, a.max_tokens, proc.pid))))
-            metrics = httpx.get(url + "/metrics").text
+            for name, start in starters.items():
+                port = free_port()
+                servers[name] = (start(run, port, a.max_batch, a.threads), f"http://127.0.0.1:{port}")
+            for proc, url in servers.values():
+                wait_ready(url, proc)
+            rounds: dict[str, list] = {name: [] for name in servers}
+            for _ in range(a.rounds):  # the servers take turns, so the machine's drifts hit both
+                for name, (proc, url) in servers.items():
+                    rounds[name].append((asyncio.run(phase(url, 1, a.requests, a.max_tokens, proc.pid)),
+                                         asyncio.run(phase(url, a.clients, a.requests, a.max_tokens, proc.pid))))
+            metrics = httpx.get(servers["process"][1] + "/metrics").text
         finally:
-            proc.terminate()
-            proc.wait(30)
+            for proc, _ in servers.values():
+                proc.terminate()
+                proc.wait(30)
     steps = next(float(line.split()[1]) for line in metrics.splitlines()
                  if line.startswith("scratchlm_decode_steps_total "))
-    single, multi = (median_phase([r[i] for r in rounds]) for i in (0, 1))
-    result = {
-        "preset": a.preset, "max_tokens": a.max_tokens, "max_batch": a.max_batch,
-        "rounds": a.rounds, "single": single, "concurrent": multi,
-        "speedup": round(multi["tokens_per_s"] / single["tokens_per_s"], 2),
-        "cpu_speedup": round(single["server_cpu_ms_per_token"] / multi["server_cpu_ms_per_token"], 2)
-        if multi["server_cpu_ms_per_token"] else None,
-        "per_round_tokens_per_s": [[s["tokens_per_s"], m["tokens_per_s"]] for s, m in rounds],
+    result = summarise(rounds["process"])
+    result.update({
+        "preset": a.preset, "max_tokens": a.max_tokens, "max_batch": a.max_batch, "rounds": a.rounds,
         "decode_steps": int(steps), "cpu": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(), "torch": torch.__version__, "omp_num_threads": a.threads or "unset",
         "stream_interval": os.environ.get("SCRATCHLM_STREAM_INTERVAL", "default (0.02)"),
-    }
-    for name, ph in (("1 client ", single), (f"{a.clients} clients", multi)):
-        print(f"{name}: {ph['tokens_per_s']:8.1f} tokens/s  ({ph['tokens']} tokens in {ph['seconds']} s, "
-              f"mean TTFT {ph['mean_ttft_ms']} ms, server CPU {ph['server_cpu_ms_per_token']} ms/token, "
-              f"clients' CPU {ph['client_cpu_ms_per_token']} ms/token)")
-    print(f"speedup  : {result['speedup']}x (target >= 4x); server CPU per token: "
-          f"{result['cpu_speedup']}x less; per round: {result['per_round_tokens_per_s']}")
+    })
+    report(result, a.clients)
+    if a.vs_thread:
+        result["engine_as_a_thread"] = summarise(rounds["thread"])
+        print("the same with the engine as a thread of the server:")
+        report(result["engine_as_a_thread"], a.clients)
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=2) + "\n")
 
