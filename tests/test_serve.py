@@ -61,20 +61,34 @@ def client(server):
 
 
 @pytest.fixture(scope="module")
-def one_slot(run_dir):
-    """One slot, no waiting room: the second concurrent request is refused. The model is slowed
-    to >= 5 ms a step so that a long generation is surely still running when the test acts; to
-    reach the model this server runs its engine as a thread (the child process's queue bound
-    and cancel are tested in test_engine.py)."""
-    app = create_app(run_dir, max_batch=1, max_queue=0, engine="thread")
-    model = app.state.server.engine.model
-    fast = model.forward
+def wide_run(run_dir):
+    """The same tokenizer with a wider model (4 layers, width 384, ~7M parameters): a few ms
+    a decode step on one thread, so a long generation in the engine process takes ~1 s."""
+    d = run_dir.parent / "wide-run"
+    cfg = RunConfig(model=ModelConfig(vocab_size=train_char([TEXT]).vocab_size, n_layer=4, n_head=6,
+                                      d_model=384, context_length=CONTEXT))
+    torch.manual_seed(0)
+    write_run(d, Transformer(cfg.model), cfg, run_dir.parent / "tokenizer.json")
+    return d
 
-    def slow_forward(*args, **kwargs):
-        time.sleep(0.005)
-        return fast(*args, **kwargs)
 
-    model.forward = slow_forward
+@pytest.fixture(scope="module", params=["process", "thread"])
+def one_slot(request, run_dir, wide_run):
+    """One slot, no waiting room: the second concurrent request is refused. A long generation
+    must surely still be running when the test acts: the engine process (what `serve` runs)
+    serves the wider model; the engine thread's model is slowed to >= 5 ms a step."""
+    if request.param == "process":
+        app = create_app(wide_run, max_batch=1, max_queue=0)
+    else:
+        app = create_app(run_dir, max_batch=1, max_queue=0, engine="thread")
+        model = app.state.server.engine.model
+        fast = model.forward
+
+        def slow_forward(*args, **kwargs):
+            time.sleep(0.005)
+            return fast(*args, **kwargs)
+
+        model.forward = slow_forward
     with running_server(app) as url:
         yield url
 
