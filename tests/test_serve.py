@@ -281,8 +281,15 @@ def _wait_idle(url: str, timeout: float = 10.0) -> None:
 
 def test_overload_is_429(one_slot):
     with httpx.Client(timeout=30) as http:
+        t0 = time.perf_counter()
         with http.stream("POST", one_slot + "/v1/completions", json={**LONG, "stream": True}) as first:
-            next(first.iter_lines())  # the first request holds the only slot
+            # Keep the line iterator: dropping it closes the connection, and the server then
+            # cancels the first request (which made this test race against the cancel).
+            lines = first.iter_lines()
+            line = next(lines)  # the first request holds the only slot
+            health = httpx.get(one_slot + "/health").json()
+            assert line.startswith('data: {"id"') and health["running"] == 1, \
+                (line, health, f"{time.perf_counter() - t0:.3f} s after the request")
             err = _error(http.post(one_slot + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}), 429)
             assert err["code"] == "queue_full"
     _wait_idle(one_slot)
