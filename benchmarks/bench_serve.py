@@ -69,11 +69,15 @@ def free_port() -> int:
 
 def start_server(run: Path, port: int, max_batch: int, threads: int) -> subprocess.Popen:
     """`scratchlm serve RUN --port PORT --max-batch N`, with OMP_NUM_THREADS=threads if > 0."""
+    return subprocess.Popen([sys.executable, "-m", "scratchlm.cli", "serve", str(run), "--port",
+                             str(port), "--max-batch", str(max_batch)], env=_server_env(threads))
+
+
+def _server_env(threads: int) -> dict[str, str]:
     env = dict(os.environ)
     if threads > 0:
         env["OMP_NUM_THREADS"] = str(threads)
-    return subprocess.Popen([sys.executable, "-m", "scratchlm.cli", "serve", str(run), "--port",
-                             str(port), "--max-batch", str(max_batch)], env=env)
+    return env
 
 
 # The same app with the engine as a thread of the server (`--vs-thread`), threads as serve picks.
@@ -89,11 +93,8 @@ _uvicorn(app).run(sockets=[listen("127.0.0.1", port)])
 
 
 def start_thread_server(run: Path, port: int, max_batch: int, threads: int) -> subprocess.Popen:
-    env = dict(os.environ)
-    if threads > 0:
-        env["OMP_NUM_THREADS"] = str(threads)
     return subprocess.Popen([sys.executable, "-c", THREAD_SERVER, str(run), str(port), str(max_batch)],
-                            env=env)
+                            env=_server_env(threads))
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:

@@ -150,6 +150,25 @@ class Request:
         return self.finish_reason is not None
 
 
+def _check_slots(max_batch: int, max_queue: int) -> None:
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    if max_queue < 0:
+        raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+
+
+def _new_requests(prompts: Sequence[list[int]], params: GenerationParams | Sequence[GenerationParams],
+                  sink: Callable[[Event], None], context_length: int) -> list[Request]:
+    """A submitted group's requests, once every prompt and its max_tokens fit the context."""
+    if isinstance(params, GenerationParams):
+        params = [params] * len(prompts)
+    for p, gp in zip(prompts, params, strict=True):
+        if gp.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {gp.max_tokens}")
+        check_fits(len(p), gp.max_tokens, context_length)
+    return [Request(list(p), gp, sink, i) for i, (p, gp) in enumerate(zip(prompts, params))]
+
+
 class Engine:
     """Continuous batching over `max_batch` slots of one KV cache, run by one thread.
 
@@ -161,10 +180,7 @@ class Engine:
     """
 
     def __init__(self, model: Transformer, tokenizer, max_batch: int = 8, max_queue: int = 64) -> None:
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        if max_queue < 0:
-            raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+        _check_slots(max_batch, max_queue)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.eot_id = tokenizer.eot_id
@@ -237,13 +253,7 @@ class Engine:
         thread with each prompt's events (`event.index` says which). Raises `UserError` (from
         `generate.check_fits`) for a prompt that does not fit the context, `QueueFull` when the
         queue has no room, `EngineClosed` once stopped."""
-        if isinstance(params, GenerationParams):
-            params = [params] * len(prompts)
-        for p, gp in zip(prompts, params, strict=True):
-            if gp.max_tokens < 1:
-                raise ValueError(f"max_tokens must be >= 1, got {gp.max_tokens}")
-            check_fits(len(p), gp.max_tokens, self.context_length)
-        reqs = [Request(list(p), gp, sink, i) for i, (p, gp) in enumerate(zip(prompts, params))]
+        reqs = _new_requests(prompts, params, sink, self.context_length)
         for req in reqs:
             if req.params.seed is not None:
                 req.generator = torch.Generator(device=self.device).manual_seed(req.params.seed)
@@ -598,10 +608,7 @@ class EngineProcess:
                  device: str = "cpu") -> None:
         from scratchlm.checkpoint import read_run_config
 
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        if max_queue < 0:
-            raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+        _check_slots(max_batch, max_queue)
         self.run_dir, self.device = str(run_dir), device
         self.max_batch, self.max_queue = max_batch, max_queue
         self.context_length = read_run_config(Path(run_dir))[0].model.context_length
@@ -688,13 +695,7 @@ class EngineProcess:
     ) -> list[Request]:
         """As `Engine.submit`. The queue bound counts requests not yet seen to finish, which
         is never fewer than the child holds, so the child never refuses what is sent."""
-        if isinstance(params, GenerationParams):
-            params = [params] * len(prompts)
-        for p, gp in zip(prompts, params, strict=True):
-            if gp.max_tokens < 1:
-                raise ValueError(f"max_tokens must be >= 1, got {gp.max_tokens}")
-            check_fits(len(p), gp.max_tokens, self.context_length)
-        reqs = [Request(list(p), gp, sink, i) for i, (p, gp) in enumerate(zip(prompts, params))]
+        reqs = _new_requests(prompts, params, sink, self.context_length)
         with self._lock:
             if self._closed:
                 raise EngineClosed("the engine is not running")
