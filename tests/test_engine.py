@@ -86,6 +86,39 @@ def test_greedy_under_concurrency_equals_generate(engine, model, tok):
     assert engine.running == 0 and engine.queue_depth == 0
 
 
+@pytest.mark.parametrize("budget", [4096, 20], ids=["one-pass", "chunked"])
+def test_prompts_admitted_together_share_a_padded_prefill(model, tok, monkeypatch, budget):
+    """Prompts of different lengths admitted in the same step are prefilled together (short
+    ones padded), in chunks of at most PREFILL_TOKENS padded tokens: every output equals
+    decoding that prompt alone. Padding seen by a real token, a position advanced by the padded
+    length or a first token read at the padded end would change the tokens."""
+    import scratchlm.engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "PREFILL_TOKENS", budget)
+    prompts = ["Hello", "T", "The quick brown fox", "0123456789 01", "lazy dog?", "abc"]
+    ids = [tok.encode(p) for p in prompts]
+    expected = [reference_greedy(model, i, 20, tok.eot_id) for i in ids]
+    eng = Engine(model, tok, max_batch=4, max_queue=8)
+    shapes = []
+    hook = model.register_forward_pre_hook(lambda mod, args: shapes.append(tuple(args[0].shape)))
+    events: queue.Queue[Event] = queue.Queue()
+    try:
+        reqs = eng.submit(ids, GenerationParams(max_tokens=20, sampling=GREEDY), events.put)
+        eng.start()  # all six wait; four are admitted in the first step
+        for _ in reqs:
+            while events.get(timeout=30).finish_reason is None:
+                pass
+    finally:
+        hook.remove()
+        eng.stop()
+    assert [r.tokens for r in reqs] == expected
+    lengths = sorted(len(i) for i in ids[:4])  # the first four: 1, 5, 13 and 19 tokens
+    if budget == 4096:  # in one pass, as long as the longest of them
+        assert shapes[0] == (4, lengths[-1])
+    else:  # by length, at most 20 padded tokens a pass: (1 and 5), then 13 and 19 alone
+        assert shapes[:3] == [(2, lengths[1]), (1, lengths[2]), (1, lengths[3])]
+
+
 def test_matches_generate_text(engine, model, tok):
     """The engine's text equals the CLI's generate_text (same sampling core, same stop rules)."""
     prompt = "The quick"

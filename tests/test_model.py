@@ -51,16 +51,27 @@ def test_cached_decoding_equals_full_forward(name, prefill):
     assert cache.pos.tolist() == [40, 40, 40]
 
 
+@pytest.mark.parametrize("prefill", ["row-by-row", "padded"])
 @pytest.mark.parametrize("name", FAMILIES)
-def test_cache_rows_advance_independently(name):
-    """Rows prefilled to different lengths, then decoded together, match the full forward."""
+def test_cache_rows_advance_independently(name, prefill):
+    """Rows prefilled to different lengths (one row at a time, or all in one pass with the
+    short ones padded), then decoded together, match the full forward."""
     model = tiny(name)
     idx = torch.randint(0, 61, (3, 30))
     full, _ = model(idx)
     cache = KVCache(model.cfg, 4)  # one spare row that stays unused
     lengths = [4, 11, 20]
-    for row, n in enumerate(lengths):
-        model(idx[row : row + 1, :n], cache=cache, rows=torch.tensor([row]))
+    if prefill == "row-by-row":
+        for row, n in enumerate(lengths):
+            model(idx[row : row + 1, :n], cache=cache, rows=torch.tensor([row]))
+    else:
+        padded = idx[:, :20].clone()
+        for row, n in enumerate(lengths):
+            padded[row, n:] = 60  # tokens the rows must never see
+        last, _ = model(padded, cache=cache, rows=torch.tensor([0, 1, 2]), last_only=True,
+                        lengths=lengths)
+        want = torch.stack([full[r, n - 1] for r, n in enumerate(lengths)])
+        torch.testing.assert_close(last[:, 0], want, atol=1e-5, rtol=1e-5)
     for k in range(5):
         feed = torch.stack([idx[r, n + k] for r, n in enumerate(lengths)])[:, None]
         out, _ = model(feed, cache=cache, rows=torch.tensor([0, 1, 2]))

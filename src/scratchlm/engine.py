@@ -11,8 +11,8 @@ rows advance independently. One background thread runs the loop, step by step:
 
 1. drop finished and cancelled requests: their slots become free at once, and the rows that
    stay move down (keys, values and position copied) so the running rows are 0..n-1;
-2. admit waiting requests into free slots: reset the row, *prefill* the prompt into it alone
-   (`rows=[slot]`) and sample the first token;
+2. admit waiting requests into free slots: reset their rows, *prefill* the prompts into them
+   (those admitted together in one padded pass, `rows=slots`) and sample each first token;
 3. *decode* one token for every running request together: one forward pass of shape (n, 1)
    over cache rows 0..n-1 (read through views, no gather); each row attends only to its own
    positions, and stale keys of a reused row are masked out by position.
@@ -54,10 +54,15 @@ from pathlib import Path
 import torch
 
 from scratchlm.errors import UserError
-from scratchlm.generate import SamplingConfig, find_stop, stable_prefix, check_fits, sample_next_token
+from scratchlm.generate import (SamplingConfig, check_fits, find_stop, padded_batch, sample_next_token,
+                                stable_prefix)
 from scratchlm.model import KVCache, Transformer
 
 log = logging.getLogger(__name__)
+
+PREFILL_TOKENS = 4096
+"""At most this many (padded) prompt tokens go through one prefill pass; a longer prompt still
+goes, alone. Bounds the memory of a burst of long prompts."""
 
 # A byte-level token adds at least one byte, and a UTF-8 character has at most 4: text still
 # ending in U+FFFD after this many held-back tokens is invalid bytes, not a character to finish.
@@ -316,9 +321,7 @@ class Engine:
                         self._active.append(req)
                         admitted.append(req)
                 try:
-                    for req in admitted:
-                        if not req.done:
-                            self._prefill(req)
+                    self._prefill([req for req in admitted if not req.done])
                     if any(req.done for req in admitted):  # finished on their first token
                         with self._lock:
                             self._drop_cancelled()
@@ -358,15 +361,28 @@ class Engine:
                 req.slot = i
         self._active = keep
 
-    def _prefill(self, req: Request) -> None:
-        """Run the prompt into the request's own cache row and take its first token."""
-        self.cache.reset([req.slot])
-        idx = torch.tensor([req.prompt], device=self.device)  # (1, T)
-        logits, _ = self.model(idx, cache=self.cache, rows=torch.tensor([req.slot]), last_only=True)
-        self.prompt_tokens_total += len(req.prompt)
-        tok = self._sample(logits[:, -1], [req])[0]  # logits: (1, 1, V)
-        req.t_first_token = time.perf_counter()
-        self._accept(req, tok)
+    def _prefill(self, reqs: list[Request]) -> None:
+        """Run newly admitted prompts into their own cache rows and take each one's first
+        token. Prompts that arrive together share forward passes (shorter ones padded, see
+        `Transformer.forward`): on the 2-core CPU 8 prompts of 42 tokens took 4.8 ms in one
+        pass against 12.5 ms one by one, and every one of them waits for the last."""
+        reqs = sorted(reqs, key=lambda r: len(r.prompt))  # similar lengths together: less padding
+        while reqs:
+            n = 1  # the longest of a sorted chunk is its last: grow while the padded size fits
+            while n < len(reqs) and (n + 1) * len(reqs[n].prompt) <= PREFILL_TOKENS:
+                n += 1
+            chunk, reqs = reqs[:n], reqs[n:]
+            rows = [req.slot for req in chunk]
+            self.cache.reset(rows)
+            lengths = [len(req.prompt) for req in chunk]
+            logits, _ = self.model(padded_batch([req.prompt for req in chunk], self.device),
+                                   cache=self.cache, rows=torch.tensor(rows), last_only=True,
+                                   lengths=lengths)  # (n, 1, V)
+            self.prompt_tokens_total += sum(lengths)
+            now = time.perf_counter()
+            for req, tok in zip(chunk, self._sample(logits[:, -1], chunk)):
+                req.t_first_token = now
+                self._accept(req, tok)
 
     def _decode_step(self) -> None:
         """One new token for every active request: a single (B, 1) forward pass."""
@@ -416,12 +432,12 @@ class Engine:
         finish = "length" if len(req.tokens) >= params.max_tokens else None
         if req.held:
             req.held.append(tok)
-            piece = self.tokenizer.decode(req.held)
+            piece = self._text(req.held)
         else:
             piece = self._piece(tok)
             if piece is None:  # part of a character: wait for the rest
                 req.held.append(tok)
-                piece = self.tokenizer.decode(req.held)
+                piece = self._text(req.held)
         if finish or not piece.endswith("\ufffd") or len(req.held) >= _MAX_HELD_TOKENS:
             req.held.clear()
             req.text += piece
@@ -443,19 +459,21 @@ class Engine:
         """The text of one token on its own, or None when it is not whole characters. Both
         tokenizer kinds decode by concatenation, so a token after a character boundary adds
         exactly this text; memoised, as this runs for every token of every request."""
-        piece = self._pieces.get(tok, "")
-        if piece == "":
-            text = self.tokenizer.decode([tok])
-            piece = None if "\ufffd" in text else text
-            self._pieces[tok] = piece
-        return piece
+        if tok not in self._pieces:
+            text = self._text([tok])
+            self._pieces[tok] = None if "\ufffd" in text else text
+        return self._pieces[tok]
+
+    def _text(self, ids: list[int]) -> str:
+        """The text of generated ids."""
+        return self.tokenizer.decode(ids)
 
     def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
         """Send the rest of the text and the final event; the slot is freed by the loop."""
         if req.done:
             return
         if req.held and reason in ("stop", "length"):
-            req.text += self.tokenizer.decode(req.held)
+            req.text += self._text(req.held)
             req.held.clear()
             cut = find_stop(req.text, req.stop) if req.stop else None
             if cut is not None:

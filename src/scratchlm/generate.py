@@ -129,16 +129,10 @@ def generate(
         longest = max(len(p) for p in prompts) + max_new_tokens
         dtype = next(model.parameters()).dtype
         cache = KVCache(model.cfg, B, max_len=longest, device=device, dtype=dtype)
-        if len({len(p) for p in prompts}) == 1:
-            logits, _ = model(torch.tensor(prompts, device=device), cache=cache, last_only=True)
-            last_logits = logits[:, -1]
-        else:  # different lengths: prefill each row on its own, then decode them together
-            rows = []
-            for b, p in enumerate(prompts):
-                logits, _ = model(torch.tensor([p], device=device), cache=cache,
-                                  rows=torch.tensor([b]), last_only=True)
-                rows.append(logits[0, -1])
-            last_logits = torch.stack(rows)
+        # One prefill pass for all prompts, short ones padded (see Transformer.forward).
+        logits, _ = model(padded_batch(prompts, device), cache=cache, last_only=True,
+                          lengths=[len(p) for p in prompts])
+        last_logits = logits[:, -1]
     else:
         last_logits = _full_forward_last(model, seqs, device)
     for _ in range(max_new_tokens):
@@ -163,6 +157,13 @@ def generate(
             last_logits = logits[:, -1]
         else:
             last_logits = _full_forward_last(model, seqs, device)
+
+
+def padded_batch(prompts: list[list[int]], device: torch.device | str = "cpu", pad: int = 0) -> torch.Tensor:
+    """(B, longest) ids, shorter prompts padded at the end, for a prefill with `lengths`
+    (`Transformer.forward`): the padding's id does not matter, no real token sees it."""
+    T = max(len(p) for p in prompts)
+    return torch.tensor([p + [pad] * (T - len(p)) for p in prompts], device=device)
 
 
 def _full_forward_last(model: Transformer, seqs: list[list[int]], device) -> torch.Tensor:

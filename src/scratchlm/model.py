@@ -329,6 +329,7 @@ class Transformer(nn.Module):
         rows: torch.Tensor | None = None,
         last_only: bool = False,
         reduction: str = "mean",
+        lengths: list[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx: (B, T) token ids -> logits (B, T, V) (or (B, 1, V) with last_only) and loss.
 
@@ -336,8 +337,15 @@ class Transformer(nn.Module):
         normalise by the token count of a whole accumulated batch.
         cache/rows: decode against `cache`; `rows` picks which cache rows idx's rows are
         (default: rows 0..B-1). Positions continue from each row's `cache.pos`, which advances.
+        lengths: with a cache, prompts of different lengths in one pass: row b's tokens are
+        idx[b, :lengths[b]] and the rest is padding. Each row's position advances by its own
+        length (the padding's keys stay in the cache beyond it, masked out by position and
+        overwritten by the row's next tokens), and last_only gives each row's last real token.
+        Causality keeps the padding, which comes last, out of every real token's view.
         """
         B, T = idx.shape
+        if lengths is not None and (cache is None or len(lengths) != B or not 0 < min(lengths) <= max(lengths) <= T):
+            raise ValueError(f"lengths {lengths} need a cache and one length in 1..{T} per row")
         step = _Step(cache, rows, T, B) if cache is not None else None
         if step is None:
             if T > self.cfg.context_length:
@@ -356,12 +364,16 @@ class Transformer(nn.Module):
             x = block(x, rope, step, i)
         x = self.norm_f(x)
         if cache is not None:
+            advance = T if lengths is None else torch.tensor(lengths)
             if rows is None:
-                cache.pos[:B] += T
+                cache.pos[:B] += advance
             else:
-                cache.pos[rows] += T
+                cache.pos[rows] += advance
         if last_only:
-            x = x[:, -1:, :]
+            if lengths is None or min(lengths) == T:
+                x = x[:, -1:, :]
+            else:
+                x = x[torch.arange(B, device=x.device), torch.tensor(lengths, device=x.device) - 1][:, None]
         logits = self.lm_head(x)  # (B, T, V)
         loss = None
         if targets is not None:
