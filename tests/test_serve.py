@@ -194,23 +194,34 @@ def test_n_seed_and_stop(client):
     ({"prompt": "\u4e2d"}, "prompt"),  # a character the char tokenizer never saw
     ({"prompt": "Hi", "logprobs": 3}, "logprobs"),
     ({"max_tokens": 3}, "prompt"),
+    ({"prompt": [[1, True]]}, "prompt"),  # JSON true is not token id 1
+    ({"prompt": "Hi", "stream_options": {"include_usage": True}}, "stream_options"),  # not streaming
+    ({"prompt": "Hi", "stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options"),
 ])
 def test_bad_completion_requests_are_400(server, body, param):
     err = _error(httpx.post(server + "/v1/completions", json=body), 400)
     assert err["param"] == param and err["type"] == "invalid_request_error"
 
 
+def test_assistant_message_without_content_is_accepted(client):
+    r = client.chat.completions.create(model="tiny-run", max_tokens=3, messages=[
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": None},
+        {"role": "user", "content": "Hello"}])
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
 def test_bad_chat_requests_are_400(server):
     url = server + "/v1/chat/completions"
     assert _error(httpx.post(url, json={"model": "tiny-run"}), 400)["param"] == "messages"
-    bad_role = {"messages": [{"role": "robot", "content": "hi"}]}
-    assert _error(httpx.post(url, json=bad_role), 400)["param"] == "messages"
+    for role in ("robot", ["user"], {"user": 1}, None):
+        bad_role = {"messages": [{"role": role, "content": "hi"}]}
+        assert _error(httpx.post(url, json=bad_role), 400)["param"] == "messages"
     long = {"messages": [{"role": "user", "content": "x" * CONTEXT}]}
     assert _error(httpx.post(url, json=long), 400)["code"] == "context_length_exceeded"
 
 
 def test_malformed_json_is_400(server):
-    for body in (b"{not json", b"[1, 2]", b"\xff\xfe"):
+    for body in (b"{not json", b"[1, 2]", b"\xff\xfe", b"[" * 100_000 + b"]" * 100_000):
         r = httpx.post(server + "/v1/completions", content=body,
                        headers={"Content-Type": "application/json"})
         assert _error(r, 400)["code"] == "invalid_json"
@@ -364,6 +375,28 @@ def test_metrics(server, client):
     assert _metric(server, "scratchlm_max_batch") == 4
     count = _metric(server, "scratchlm_request_latency_seconds_count")
     assert count >= 1
+    # A path a client made up is counted, but under "other": it must not break the format.
+    assert httpx.get(server + '/v1/a"b%0Ac').status_code == 404
+    text = httpx.get(server + "/metrics").text
+    assert re.search(r'^scratchlm_requests_total\{endpoint="other",status="404"\} [1-9]', text, re.M)
+    assert all(re.fullmatch(r'(# .*|[a-z_]+(\{[a-z]+="[^"\n]*"(,[a-z]+="[^"\n]*")*\})? \S+)', line)
+               for line in text.splitlines()), text
+
+
+@pytest.mark.parametrize("extreme", [{"temperature": 1e-40}, {"temperature": 0.7, "repetition_penalty": 1e-300}])
+def test_extreme_sampling_values_neither_fail_nor_disturb_others(server, extreme):
+    """Values that overflow fp32 once divided by (a near-zero temperature or penalty) still
+    sample, and a request running beside them is not failed with them."""
+    body = {"prompt": "Hello", "max_tokens": 40, "ignore_eos": True, "temperature": 0}
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", server + "/v1/completions", json={**body, "stream": True}) as other:
+            lines = other.iter_lines()
+            next(line for line in lines if line.startswith("data: "))  # running
+            r = http.post(server + "/v1/completions", json={**body, "max_tokens": 5, **extreme})
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["completion_tokens"] == 5
+            rest = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    assert rest[-1]["choices"][0]["finish_reason"] == "length"
 
 
 def test_sse_wire_format(server):

@@ -133,8 +133,13 @@ class Metrics:
         return "\n".join(out) + "\n"
 
 
+API_ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions")
+
+
 class CountRequests:
-    """ASGI middleware: count /v1 responses by endpoint and status (streams included)."""
+    """ASGI middleware: count /v1 responses by endpoint and status (streams included). Any
+    other /v1 path counts as "other": a label made of what a client typed could break the
+    exposition format and would grow without limit."""
 
     def __init__(self, app, metrics: Metrics) -> None:
         self.app, self.metrics = app, metrics
@@ -146,7 +151,8 @@ class CountRequests:
 
         async def counting_send(message) -> None:
             if message["type"] == "http.response.start":
-                self.metrics.count_request(scope["path"], message["status"])
+                path = scope["path"]
+                self.metrics.count_request(path if path in API_ENDPOINTS else "other", message["status"])
             await send(message)
 
         await self.app(scope, receive, counting_send)

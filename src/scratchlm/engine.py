@@ -405,7 +405,7 @@ class Engine:
         for i, req in enumerate(reqs):
             cfg = req.params.sampling
             if req.generator is None and cfg.repetition_penalty == 1.0:
-                key = (cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p) if cfg.temperature else (0,)
+                key = (cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p) if not cfg.greedy else (0,)
                 groups.setdefault(key, []).append(i)
                 continue
             history = None

@@ -21,12 +21,18 @@ from scratchlm.errors import UserError
 from scratchlm.model import KVCache, Transformer
 
 
+MIN_TEMPERATURE = 1e-5
+"""Temperatures below this sample greedily."""
+
+FLOAT_MAX = torch.finfo(torch.float32).max
+
+
 @dataclass
 class SamplingConfig:
     """How to pick the next token. Validated on construction."""
 
     temperature: float = 1.0
-    """0 means greedy (argmax); higher flattens the distribution."""
+    """0 (or below MIN_TEMPERATURE) means greedy (argmax); higher flattens the distribution."""
     top_k: int | None = None
     """Keep only the k most likely tokens."""
     top_p: float | None = None
@@ -50,7 +56,8 @@ class SamplingConfig:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # As vLLM: a temperature this close to 0 is greedy (dividing by it overflows fp32).
+        return self.temperature < MIN_TEMPERATURE
 
 
 def sample_next_token(
@@ -68,7 +75,9 @@ def sample_next_token(
         logits = logits.scatter(1, history, seen)
     if cfg.greedy:
         return logits.argmax(dim=-1)
-    logits = logits / cfg.temperature
+    # A tiny penalty or temperature can push logits to +-inf, and inf - inf is NaN in softmax:
+    # clamp to the largest finite values, which keeps the same order and the same winners.
+    logits = (logits / cfg.temperature).clamp(-FLOAT_MAX, FLOAT_MAX)
     if cfg.top_k is not None and cfg.top_k < logits.size(-1):
         kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))

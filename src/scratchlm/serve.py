@@ -121,6 +121,8 @@ class _Server:
             data = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise bad_request(f"the request body is not valid JSON: {e}", None, "invalid_json") from None
+        except RecursionError:
+            raise bad_request("the request body is nested too deeply", None, "invalid_json") from None
         if not isinstance(data, dict):
             raise bad_request("the request body must be a JSON object", None, "invalid_json")
         model = data.get("model")
@@ -168,9 +170,13 @@ class _Server:
         stream = data.get("stream", False) or False
         if not isinstance(stream, bool):
             raise bad_request("'stream' must be true or false", "stream")
-        opts = data.get("stream_options") or {}
-        if not isinstance(opts, dict):
-            raise bad_request("'stream_options' must be an object", "stream_options")
+        opts = data.get("stream_options")
+        if opts is not None and not stream:
+            raise bad_request("'stream_options' is only allowed when 'stream' is true", "stream_options")
+        opts = opts or {}
+        if not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool):
+            raise bad_request("'stream_options' must be an object like {\"include_usage\": true}",
+                              "stream_options")
         echo = data.get("echo", False) or False
         ignore_eos = data.get("ignore_eos", False) or False
         for name, flag in (("echo", echo), ("ignore_eos", ignore_eos)):
@@ -319,7 +325,8 @@ def create_app(run_dir: str | Path, max_batch: int = 8, api_key: str | None = No
                 prompts.append(srv.encode(p, "prompt"))
                 texts.append(p)
             else:
-                if not all(isinstance(t, int) and 0 <= t < srv.tokenizer.vocab_size for t in p):
+                if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < srv.tokenizer.vocab_size
+                           for t in p):
                     raise bad_request("token-id prompts must hold ids in [0, vocab_size)", "prompt")
                 prompts.append(list(p))
                 texts.append(srv.tokenizer.decode(p))
@@ -335,7 +342,7 @@ def create_app(run_dir: str | Path, max_batch: int = 8, api_key: str | None = No
             raise bad_request("'messages' must be a non-empty list of {role, content} objects", "messages")
         flat = []
         for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m["role"] not in CHAT_ROLES:
                 raise bad_request(f"messages[{i}] needs a 'role' of {', '.join(CHAT_ROLES)}", "messages")
             content = m.get("content")
             if isinstance(content, list):  # content parts: text only
@@ -343,6 +350,8 @@ def create_app(run_dir: str | Path, max_batch: int = 8, api_key: str | None = No
                            for c in content):
                     raise bad_request(f"messages[{i}].content: only text parts are supported", "messages")
                 content = "".join(c["text"] for c in content)
+            if content is None and m["role"] == "assistant":  # as OpenAI allows (a tool-call turn)
+                content = ""
             if not isinstance(content, str):
                 raise bad_request(f"messages[{i}].content must be a string", "messages")
             flat.append({"role": m["role"], "content": content})
