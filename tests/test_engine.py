@@ -238,6 +238,19 @@ def test_streaming_holds_back_incomplete_utf8():
     assert [e.text for e in sent] == ["a", "é"]
 
 
+def test_special_tokens_never_show_in_the_text(model, tok):
+    """An end-of-text kept by ignore_eos, or a padding id an untrained model picked, is in the
+    ids but not in the text (as in vLLM and the OpenAI API)."""
+    eng = Engine(model, tok, max_batch=1)
+    sent: list[Event] = []
+    req = Request([1], GenerationParams(max_tokens=10, ignore_eos=True), sent.append, 0)
+    a, b = tok.encode("ab")
+    for t in (a, tok.eot_id, tok.pad_id, b):
+        eng._accept(req, t)
+    assert req.tokens == [a, tok.eot_id, tok.pad_id, b]
+    assert "".join(e.text for e in sent) == req.text == "ab"
+
+
 # --- the engine in its own process (what `scratchlm serve` runs) ------------------------------
 
 

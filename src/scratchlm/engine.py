@@ -465,8 +465,9 @@ class Engine:
         return self._pieces[tok]
 
     def _text(self, ids: list[int]) -> str:
-        """The text of generated ids."""
-        return self.tokenizer.decode(ids)
+        """Generated text never shows special tokens (an end-of-text kept by ignore_eos, a
+        padding id an untrained model picked), as in vLLM and the OpenAI API."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
         """Send the rest of the text and the final event; the slot is freed by the loop."""

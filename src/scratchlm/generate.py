@@ -237,7 +237,7 @@ def generate_text(
                 finished[b] = "stop"
             else:
                 new[b].append(tok)
-            text = tokenizer.decode(new[b])
+            text = tokenizer.decode(new[b], skip_special_tokens=True)  # as the server's text
             cut = find_stop(text, stop)
             if cut is not None:
                 text, finished[b] = text[:cut], "stop"
