@@ -366,6 +366,22 @@ def test_gguf_tokenizer_embedded(kind, work, toks):
         assert bytes(to_byte[c] for i in got for c in tokens[i]).decode() == text
 
 
+def test_gguf_of_an_ascii_char_tokenizer_has_merges_that_never_apply(work):
+    """llama.cpp refuses a "gpt2" vocabulary without merges; an ASCII-only character
+    tokenizer has none of its own, so the file carries one that can never fire."""
+    tok_path = work / "ascii-char.json"
+    train_char(["hello world\n"]).save(tok_path)
+    meta, _, _ = _read_gguf(export_gguf(make_run(work, "run-ascii", tok_path), work / "ascii.gguf"))
+    merges = meta["tokenizer.ggml.merges"]
+    assert merges
+    byte_sym = _bytes_to_unicode()
+    tokens = meta["tokenizer.ggml.tokens"]
+    ranks = {tuple(m.split(" ")): r for r, m in enumerate(merges)}
+    text = "hello world\n"
+    got = [tokens.index(s) for s in _bpe_apply([byte_sym[b] for b in text.encode()], ranks)]
+    assert got == Tokenizer.load(tok_path).encode(text)
+
+
 # --- Hugging Face import -----------------------------------------------------------------------
 
 
@@ -417,6 +433,38 @@ def test_import_hf_matches_transformers_and_round_trips(family, work, toks):
         assert torch.equal(again[k], v), k
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_import_hf_reads_keys_without_the_base_model_prefix(family, work, toks):
+    """Checkpoints saved from the base model (and OpenAI's GPT-2 files) have `wte.weight`, not
+    `transformer.wte.weight`; transformers loads them, and so does import-hf, to the same run."""
+    from safetensors.torch import save_file
+
+    tok = Tokenizer.load(toks["bpe"])
+    src = _save_hf_model(work, f"hf-src-bare-{family}", _hf_configs(tok)[family], toks["bpe"], seed=9)
+    prefix = "transformer." if family == "gpt2" else "model."
+    state = load_file(str(src / "model.safetensors"))
+    bare = {k.removeprefix(prefix): v for k, v in state.items()}
+    assert bare.keys() != state.keys()
+    full = import_hf(src, work / f"imported-full-{family}")
+    save_file(bare, str(src / "model.safetensors"), metadata={"format": "pt"})
+    a = load_file(str(import_hf(src, work / f"imported-bare-{family}") / "model.safetensors"))
+    b = load_file(str(full / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_import_hf_weights_of_the_wrong_shape_are_a_user_error(work, toks):
+    from safetensors.torch import save_file
+
+    tok = Tokenizer.load(toks["bpe"])
+    src = _save_hf_model(work, "hf-src-badshape", _hf_configs(tok)["llama"], toks["bpe"], seed=4)
+    state = load_file(str(src / "model.safetensors"))
+    state["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(16, 31)  # in: 31, not 32
+    save_file(state, str(src / "model.safetensors"))
+    with pytest.raises(UserError, match="do not match its config.json"):
+        import_hf(src, work / "imported-badshape")
+    assert not (work / "imported-badshape").exists()
+
+
 def _write_gpt2_config(src: Path, tok: Tokenizer) -> None:
     (src / "config.json").write_text(json.dumps(_hf_configs(tok)["gpt2"].to_dict()))
 
@@ -462,6 +510,11 @@ def test_import_refuses_tensors_a_plain_llama_does_not_have(work, toks):
     ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "rope_parameters"),
     ({"sliding_window": 4096}, "sliding_window"),
     ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"architectures": ["GPT2LMHeadModel"], "scale_attn_weights": False}, "scale_attn_weights"),
+    ({"hidden_size": "32"}, "hidden_size"),
+    ({"architectures": ["GPT2LMHeadModel"], "n_embd": [32]}, "n_embd"),
+    ({"num_attention_heads": 0}, "num_attention_heads"),
+    ({"rms_norm_eps": "1e-5"}, "rms_norm_eps"),
 ])
 def test_import_rejects_what_scratchlm_cannot_represent(change, message):
     base = {"architectures": ["LlamaForCausalLM"], "hidden_size": 32, "num_attention_heads": 4,
@@ -473,8 +526,12 @@ def test_import_rejects_what_scratchlm_cannot_represent(change, message):
 # --- bad input and atomic writes ---------------------------------------------------------------
 
 
-def test_bad_inputs_are_one_line_user_errors(work, runs, capsys):
+def test_bad_inputs_are_one_line_user_errors(work, runs, toks, capsys):
     missing = work / "nope"
+    tok = Tokenizer.load(toks["bpe"])
+    theirs = _save_hf_model(work, "hf-not-ours", _hf_configs(tok)["gpt2"], toks["bpe"], seed=2)
+    theirs_before = {p.name: p.read_bytes() for p in theirs.iterdir()}
+    run_weights = (runs["gpt2"] / "model.safetensors").read_bytes()
     foreign = work / "foreign"
     foreign.mkdir(exist_ok=True)
     (foreign / "notes.txt").write_text("mine")
@@ -491,6 +548,9 @@ def test_bad_inputs_are_one_line_user_errors(work, runs, capsys):
         lambda: import_hf(missing, work / "o3"),
         lambda: import_hf(runs["gpt2"], work / "o4"),  # a run directory is not an HF directory
         lambda: import_hf(foreign, work / "o5"),
+        lambda: export_gguf(runs["gpt2"], a_file),  # an existing file that is not a GGUF
+        lambda: export_gguf(runs["gpt2"], runs["gpt2"] / "model.safetensors"),
+        lambda: export_hf(runs["gpt2"], theirs),  # an HF model that scratchlm did not export
     ]
     for case in cases:
         with pytest.raises(UserError) as e:
@@ -498,6 +558,8 @@ def test_bad_inputs_are_one_line_user_errors(work, runs, capsys):
         assert "\n" not in str(e.value)
     assert (foreign / "notes.txt").read_text() == "mine" and a_file.read_text() == "x"
     assert load_run(runs["gpt2"])[2].model.arch == "gpt2"
+    assert (runs["gpt2"] / "model.safetensors").read_bytes() == run_weights
+    assert {p.name: p.read_bytes() for p in theirs.iterdir()} == theirs_before
     assert not any((work / n).exists() for n in ("o1", "o2", "o3", "o4", "o5", "x.gguf"))
 
     assert cli_main(["export", str(missing), "--format", "hf", "--out", str(work / "o6")]) == 2

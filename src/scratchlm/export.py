@@ -70,6 +70,9 @@ def export_hf(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
     model, tokenizer, cfg = load_run(run_dir)
     out = Path(out)
     _check_dir_target(out, HF_FILES, "export")
+    if out.is_dir() and any(out.iterdir()) and not _is_our_export(out):
+        raise UserError(f"--out {out} holds a Hugging Face model that scratchlm did not export; "
+                        "choose a new directory or remove it")
     state = to_hf_state(model_state(model), cfg.model)
     files = {
         "config.json": hf_config(cfg.model, tokenizer),
@@ -86,7 +89,7 @@ def export_hf(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
             text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
             (tmp / name).write_text(text, encoding="utf-8")
         shutil.copyfile(Path(run_dir) / "tokenizer.json", tmp / "tokenizer.json")
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(state, str(tmp / "model.safetensors"), metadata=EXPORT_METADATA)
     return out
 
 
@@ -252,14 +255,15 @@ def import_hf(path: str | os.PathLike, out: str | os.PathLike) -> Path:
     _check_dir_target(out, (), "import")
     mc = model_config_from_hf(hf_cfg)
     tok_text, extra_rows = _scratchlm_tokenizer_text(tok_path, mc.vocab_size)
-    state = from_hf_state(_read_hf_weights(src), mc)
-    if extra_rows:  # special tokens appended to the tokenizer need embedding rows
-        mc = dataclasses.replace(mc, vocab_size=mc.vocab_size + extra_rows)
-        state = _grow_vocab(state, extra_rows, mc.tie_embeddings)
-    model = Transformer(mc)
-    if mc.tie_embeddings:
-        state["lm_head.weight"] = state["tok_emb.weight"]
-    try:
+    weights = _read_hf_weights(src)
+    try:  # a tensor of the wrong shape fails in a cat or in load_state_dict
+        state = from_hf_state(weights, mc)
+        if extra_rows:  # special tokens appended to the tokenizer need embedding rows
+            mc = dataclasses.replace(mc, vocab_size=mc.vocab_size + extra_rows)
+            state = _grow_vocab(state, extra_rows, mc.tie_embeddings)
+        model = Transformer(mc)
+        if mc.tie_embeddings:
+            state["lm_head.weight"] = state["tok_emb.weight"]
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
@@ -278,7 +282,7 @@ _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "rope_scaling": (None,), "sliding_window": (None,), "use_sliding_window": (None, False),
     "num_local_experts": (None, 0, 1), "num_experts": (None, 0, 1),
     "partial_rotary_factor": (None, 1.0), "add_cross_attention": (None, False),
-    "scale_attn_by_inverse_layer_idx": (None, False),
+    "scale_attn_by_inverse_layer_idx": (None, False), "scale_attn_weights": (None, True),
 }
 
 
@@ -302,14 +306,14 @@ def model_config_from_hf(h: dict[str, Any]) -> ModelConfig:
         if act not in approximations:
             raise UserError(f"unsupported GPT-2 activation_function {act!r}; scratchlm has "
                             "gelu (exact) and gelu_new (tanh approximation)")
-        d = h.get("n_embd", 768)
+        d = _num(h, "n_embd", 768)
         return _model_config(
-            arch="gpt2", vocab_size=h.get("vocab_size", 50257), n_layer=h.get("n_layer", 12),
-            n_head=h.get("n_head", 12), d_model=d, d_ff=h.get("n_inner") or 4 * d,
-            context_length=h.get("n_positions", 1024), dropout=h.get("resid_pdrop", 0.0),
-            attn_dropout=h.get("attn_pdrop", 0.0), bias=True,
-            tie_embeddings=h.get("tie_word_embeddings", True),
-            norm_eps=h.get("layer_norm_epsilon", 1e-5), gelu_approximate=approximations[act],
+            arch="gpt2", vocab_size=_num(h, "vocab_size", 50257), n_layer=_num(h, "n_layer", 12),
+            n_head=_num(h, "n_head", 12), d_model=d, d_ff=_num(h, "n_inner", 4 * d),
+            context_length=_num(h, "n_positions", 1024), dropout=_num(h, "resid_pdrop", 0.0, False),
+            attn_dropout=_num(h, "attn_pdrop", 0.0, False), bias=True,
+            tie_embeddings=bool(h.get("tie_word_embeddings", True)),
+            norm_eps=_num(h, "layer_norm_epsilon", 1e-5, False), gelu_approximate=approximations[act],
         )
     rope = h.get("rope_parameters") or {}
     if isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) != "default":
@@ -321,31 +325,51 @@ def model_config_from_hf(h: dict[str, Any]) -> ModelConfig:
     if bias != bool(h.get("mlp_bias", False)):
         raise UserError(
             "unsupported: attention_bias and mlp_bias differ; scratchlm has one bias setting")
-    d, n_head = h.get("hidden_size", 4096), h.get("num_attention_heads", 32)
-    if h.get("head_dim") not in (None, d // n_head):
+    d, n_head = _num(h, "hidden_size", 4096), _num(h, "num_attention_heads", 32)
+    if n_head < 1:
+        raise UserError(f"config.json has num_attention_heads={n_head}; it must be >= 1")
+    if _num(h, "head_dim", None) not in (None, d // n_head):
         raise UserError(
             f"unsupported head_dim {h['head_dim']} != hidden_size / num_attention_heads")
-    theta = rope.get("rope_theta") if isinstance(rope, dict) else None
+    theta = _num(rope, "rope_theta", None, False) if isinstance(rope, dict) else None
     return _model_config(
-        arch="llama", vocab_size=h.get("vocab_size", 32000), n_layer=h.get("num_hidden_layers", 32),
-        n_head=n_head, n_kv_head=h.get("num_key_value_heads") or n_head, d_model=d,
-        d_ff=h.get("intermediate_size", 11008),
-        context_length=h.get("max_position_embeddings", 2048),
-        attn_dropout=h.get("attention_dropout", 0.0), bias=bias,
-        tie_embeddings=h.get("tie_word_embeddings", False), norm_eps=h.get("rms_norm_eps", 1e-6),
-        rope_theta=theta or h.get("rope_theta", 10000.0),
+        arch="llama", vocab_size=_num(h, "vocab_size", 32000), n_layer=_num(h, "num_hidden_layers", 32),
+        n_head=n_head, n_kv_head=_num(h, "num_key_value_heads", n_head), d_model=d,
+        d_ff=_num(h, "intermediate_size", 11008),
+        context_length=_num(h, "max_position_embeddings", 2048),
+        attn_dropout=_num(h, "attention_dropout", 0.0, False), bias=bias,
+        tie_embeddings=bool(h.get("tie_word_embeddings", False)),
+        norm_eps=_num(h, "rms_norm_eps", 1e-6, False),
+        rope_theta=theta or _num(h, "rope_theta", 10000.0, False),
     )
 
 
 def _model_config(**kw: Any) -> ModelConfig:
-    for k in ("dropout", "norm_eps", "rope_theta"):
+    for k in ("dropout", "attn_dropout", "norm_eps", "rope_theta"):
         if k in kw:
             kw[k] = float(kw[k])
     return ModelConfig(**kw)
 
 
+def _num(h: dict[str, Any], key: str, default: Any, integer: bool = True) -> Any:
+    """h[key] (default when absent or null, as transformers reads it), checked to be a number:
+    a string there must be a one-line error, not a TypeError deep inside."""
+    v = h.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
+        raise UserError(f"config.json has {key}={v!r}; it must be {'an integer' if integer else 'a number'}")
+    return v
+
+
 def from_hf_state(hf: dict[str, torch.Tensor], mc: ModelConfig) -> dict[str, torch.Tensor]:
-    """Hugging Face tensors -> our names and layouts (fp32); the inverse of `to_hf_state`."""
+    """Hugging Face tensors -> our names and layouts (fp32); the inverse of `to_hf_state`.
+
+    Keys may lack the base model's prefix (`transformer.` / `model.`), as in checkpoints
+    saved from the base model or OpenAI's original GPT-2 files; transformers loads those too."""
+    prefix = "transformer." if mc.arch == "gpt2" else "model."
+    if not any(k.startswith(prefix) for k in hf):
+        hf = {k if k.startswith("lm_head.") else prefix + k: v for k, v in hf.items()}
     hf = dict(hf)
     used: set[str] = set()
 
@@ -491,6 +515,20 @@ def _check_dir_target(out: Path, replaceable: tuple[str, ...], verb: str) -> Non
                         "choose a new directory or remove it")
     if "config.json" in names and _is_run_config(out / "config.json"):
         raise UserError(f"--out {out} is a scratchlm run directory; choose a new directory")
+
+
+EXPORT_METADATA = {"format": "pt", "exported_by": "scratchlm"}
+"""The safetensors metadata of an export: what lets a later export replace it, and nothing else."""
+
+
+def _is_our_export(out: Path) -> bool:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(out / "model.safetensors"), "pt") as f:
+            return (f.metadata() or {}).get("exported_by") == EXPORT_METADATA["exported_by"]
+    except Exception:  # noqa: BLE001 - missing or unreadable: not a file we wrote
+        return False
 
 
 def _is_run_config(path: Path) -> bool:

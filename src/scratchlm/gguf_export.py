@@ -29,7 +29,7 @@ def export_gguf(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
 
     Args:
         run_dir: a scratchlm run directory.
-        out: the .gguf file to write (replaced if it exists).
+        out: the .gguf file to write (replaced if it is a GGUF file; any other file is refused).
     Returns:
         `out` as a Path.
     Example:
@@ -42,6 +42,8 @@ def export_gguf(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
     if out.is_dir():
         raise UserError(
             f"--out {out} is a directory; give a file path such as {out / 'model.gguf'}")
+    if out.exists() and not _is_gguf(out):
+        raise UserError(f"--out {out} exists and is not a GGUF file; choose a new path or remove it")
     arch = gguf.MODEL_ARCH.LLAMA if mc.arch == "llama" else gguf.MODEL_ARCH.GPT2
     tensors = gguf_tensors(to_hf_state(model_state(model), mc), mc)
 
@@ -72,6 +74,14 @@ def export_gguf(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
 
     atomic_write(out, write)
     return out
+
+
+def _is_gguf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
 
 
 def gguf_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -181,6 +191,11 @@ def _add_gguf_tokenizer(w: Any, gguf: Any, tokenizer: Tokenizer, vocab_size: int
         types.append(gguf.TokenType.NORMAL)
     if tokenizer.kind == "bpe":
         merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    if not merges:
+        # llama.cpp refuses a "gpt2" vocabulary without merges (an ASCII-only char tokenizer has
+        # none, and the gguf writer drops an empty list): one that never applies, as byte 0xC0
+        # never occurs in UTF-8.
+        merges = [f"{byte_sym[0xC0]} {byte_sym[0xC0]}"]
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("gpt-2")  # the GPT-2 split regex, which byte-level BPE here uses
     w.add_token_list(tokens)
