@@ -251,6 +251,22 @@ def test_special_tokens_never_show_in_the_text(model, tok):
     assert "".join(e.text for e in sent) == req.text == "ab"
 
 
+def test_special_tokens_inside_a_held_character_do_not_break_it():
+    """A special token adds no bytes, so it must not count towards the tokens a split
+    character may be held back for: the text equals decoding all the ids at once."""
+    tok = train_bpe(["héllo wörld ☃ snow 日本語 テキスト emoji 😀😃 " * 20], vocab_size=300)
+    ids = tok.encode("テキスト")
+    assert tok.decode(ids[:1]).endswith("\ufffd") and len(ids) >= 4  # split inside a character
+    eng = Engine(tiny_model(tok.vocab_size), tok, max_batch=1)
+    for feed in ([ids[0], tok.pad_id, *ids[1:]], [ids[0], tok.eot_id, tok.pad_id, *ids[1:]]):
+        sent: list[Event] = []
+        req = Request([1], GenerationParams(max_tokens=20, ignore_eos=True), sent.append, 0)
+        for t in feed:
+            eng._accept(req, t)
+        assert "".join(e.text for e in sent) == req.text == "テキスト"
+        assert req.text == tok.decode(feed, skip_special_tokens=True)
+
+
 # --- the engine in its own process (what `scratchlm serve` runs) ------------------------------
 
 

@@ -430,14 +430,14 @@ class Engine:
         req.tokens.append(tok)
         self.generation_tokens_total += 1
         finish = "length" if len(req.tokens) >= params.max_tokens else None
-        if req.held:
+        piece = self._piece(tok)
+        if piece == "":  # a special token: no text, so it must not count among held bytes
+            if finish:
+                self._finish(req, finish)
+            return
+        if req.held or piece is None:  # part of a character: wait for the rest
             req.held.append(tok)
             piece = self._text(req.held)
-        else:
-            piece = self._piece(tok)
-            if piece is None:  # part of a character: wait for the rest
-                req.held.append(tok)
-                piece = self._text(req.held)
         if finish or not piece.endswith("\ufffd") or len(req.held) >= _MAX_HELD_TOKENS:
             req.held.clear()
             req.text += piece
@@ -456,9 +456,10 @@ class Engine:
             req.sink(Event(req.index, delta, ids=self._new_ids(req)))
 
     def _piece(self, tok: int) -> str | None:
-        """The text of one token on its own, or None when it is not whole characters. Both
-        tokenizer kinds decode by concatenation, so a token after a character boundary adds
-        exactly this text; memoised, as this runs for every token of every request."""
+        """The text of one token on its own ("" for a special token), or None when it is not
+        whole characters. Both tokenizer kinds decode by concatenation, so a token after a
+        character boundary adds exactly this text; memoised, as this runs for every token of
+        every request."""
         if tok not in self._pieces:
             text = self._text([tok])
             self._pieces[tok] = None if "\ufffd" in text else text

@@ -76,7 +76,7 @@ def sample_next_token(
     if cfg.greedy:
         return logits.argmax(dim=-1)
     # A tiny penalty or temperature can push logits to +-inf, and inf - inf is NaN in softmax:
-    # clamp to the largest finite values, which keeps the same order and the same winners.
+    # clamp to the largest finite values (tokens that overflowed then tie for the top).
     logits = (logits / cfg.temperature).clamp(-FLOAT_MAX, FLOAT_MAX)
     if cfg.top_k is not None and cfg.top_k < logits.size(-1):
         kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]  # (B, 1)
