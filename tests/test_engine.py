@@ -292,6 +292,38 @@ def collect(engine, prompts, params) -> tuple[list, dict[int, list[Event]]]:
     return reqs, got
 
 
+def _assert_logprobs_close(a: list, b: list) -> None:
+    """Entries equal up to float rounding (a batch of another size rounds differently)."""
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert (x is None) == (y is None)
+        if x is not None:
+            assert x[0] == pytest.approx(y[0], abs=1e-5)
+            assert [i for i, _ in x[1]] == [i for i, _ in y[1]]
+            assert [v for _, v in x[1]] == pytest.approx([v for _, v in y[1]], abs=1e-5)
+
+
+def test_logprobs_are_the_models_log_softmax(engine, model, tok):
+    """Each new token's log-probability and the most likely alternatives are the log-softmax
+    of the model's raw logits at that position (not of the tempered or filtered ones), and the
+    prompt's come from the same full forward pass."""
+    prompt = tok.encode("The quick brown")
+    params = GenerationParams(max_tokens=12, sampling=SamplingConfig(temperature=1.5, top_k=5), seed=1,
+                              ignore_eos=True, logprobs=3, prompt_logprobs=True)
+    (req,), events = collect(engine, [prompt], params)
+    seq = prompt + req.tokens
+    with torch.no_grad():
+        lp = model(torch.tensor([seq]))[0][0].float().log_softmax(-1)  # position t predicts t + 1
+    want = [(lp[t - 1, seq[t]].item(), list(zip(lp[t - 1].topk(3).indices.tolist(),
+                                                lp[t - 1].topk(3).values.tolist())))
+            for t in range(1, len(seq))]
+    assert req.prompt_logprobs[0] is None
+    _assert_logprobs_close(req.prompt_logprobs[1:] + req.logprobs, want)
+    assert [x for e in events[0] for x in e.logprobs] == req.logprobs
+    assert events[0][0].prompt_logprobs == req.prompt_logprobs
+    assert len(req.logprobs) == len(req.tokens) == 12
+
+
 def test_engine_process_equals_the_engine_in_this_process(run_dir, engine, tok):
     """Same requests (greedy, seeded sampling, a stop string) through the child process and
     through an in-process engine: the same text, ids, finish reasons and token counts; the
@@ -300,7 +332,8 @@ def test_engine_process_equals_the_engine_in_this_process(run_dir, engine, tok):
 
     prompts = [tok.encode(p) for p in ("Hello", "The quick", "abc")]
     params = [GenerationParams(max_tokens=40, sampling=GREEDY),
-              GenerationParams(max_tokens=30, sampling=SamplingConfig(temperature=1.0, top_k=20), seed=7),
+              GenerationParams(max_tokens=30, sampling=SamplingConfig(temperature=1.0, top_k=20), seed=7,
+                               logprobs=2, prompt_logprobs=True),
               GenerationParams(max_tokens=50, sampling=GREEDY, stop=["o"])]
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # as the child runs this small model: the same logits, bit for bit
@@ -318,6 +351,11 @@ def test_engine_process_equals_the_engine_in_this_process(run_dir, engine, tok):
             assert got[i][-1].finish_reason == want[i][-1].finish_reason
             assert got[i][-1].completion_tokens == len(reqs[i].tokens)
             assert reqs[i].t_submit <= reqs[i].t_first_token <= reqs[i].t_done
+            assert [x for e in got[i] for x in e.logprobs] == reqs[i].logprobs
+            _assert_logprobs_close(reqs[i].logprobs, want_reqs[i].logprobs)
+            _assert_logprobs_close(reqs[i].prompt_logprobs or [], want_reqs[i].prompt_logprobs or [])
+        assert len(reqs[1].logprobs) == len(reqs[1].tokens) and len(reqs[1].prompt_logprobs) == len(prompts[1])
+        assert got[1][0].prompt_logprobs == reqs[1].prompt_logprobs
         assert child.generation_tokens_total == sum(len(r.tokens) for r in reqs)
         assert child.running == 0 and child.queue_depth == 0
     finally:

@@ -192,7 +192,8 @@ def test_n_seed_and_stop(client):
     ({"prompt": "Hi", "max_tokens": CONTEXT}, "max_tokens"),
     ({"prompt": ""}, "prompt"),
     ({"prompt": "\u4e2d"}, "prompt"),  # a character the char tokenizer never saw
-    ({"prompt": "Hi", "logprobs": 3}, "logprobs"),
+    ({"prompt": "Hi", "logprobs": 21}, "logprobs"),
+    ({"prompt": "Hi", "logprobs": "3"}, "logprobs"),
     ({"max_tokens": 3}, "prompt"),
     ({"prompt": [[1, True]]}, "prompt"),  # JSON true is not token id 1
     ({"prompt": "Hi", "stream_options": {"include_usage": True}}, "stream_options"),  # not streaming
@@ -213,6 +214,9 @@ def test_assistant_message_without_content_is_accepted(client):
 def test_bad_chat_requests_are_400(server):
     url = server + "/v1/chat/completions"
     assert _error(httpx.post(url, json={"model": "tiny-run"}), 400)["param"] == "messages"
+    hi = [{"role": "user", "content": "hi"}]
+    assert _error(httpx.post(url, json={"messages": hi, "top_logprobs": 2}), 400)["param"] == "top_logprobs"
+    assert _error(httpx.post(url, json={"messages": hi, "logprobs": 3}), 400)["param"] == "logprobs"
     for role in ("robot", ["user"], {"user": 1}, None):
         bad_role = {"messages": [{"role": role, "content": "hi"}]}
         assert _error(httpx.post(url, json=bad_role), 400)["param"] == "messages"
@@ -359,6 +363,82 @@ def test_disconnect_while_waiting_for_a_whole_completion(one_slot):
 
 
 # --- metrics ---------------------------------------------------------------------------------
+
+
+# --- log-probabilities -------------------------------------------------------------------------
+
+
+def _reference_logprobs(run_dir, ids: list[int]) -> torch.Tensor:
+    """log-softmax of the served model's logits over a whole sequence: row t predicts t + 1."""
+    from scratchlm.checkpoint import load_run
+
+    model, _, _ = load_run(run_dir)
+    with torch.no_grad():
+        return model(torch.tensor([ids]))[0][0].float().log_softmax(-1)
+
+
+def test_completion_logprobs_with_echo_are_the_models(server, client, run_dir):
+    """logprobs with echo (what evaluation harnesses send to score a text): every token of
+    prompt and completion gets the model's own log-probability given the tokens before it,
+    the first prompt token none; greedy picks the top token; offsets add up to the text."""
+    tok = train_char([TEXT])
+    prompt = "Hello, World"
+    r = client.completions.create(model="tiny-run", prompt=prompt, max_tokens=8, temperature=0,
+                                  logprobs=3, echo=True)
+    choice = r.choices[0]
+    lp = choice.logprobs
+    seq = tok.encode("".join(lp.tokens))
+    n = len(tok.encode(prompt))
+    assert len(seq) == len(lp.tokens) == n + r.usage.completion_tokens
+    assert "".join(lp.tokens) == choice.text and choice.text.startswith(prompt)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    ref = _reference_logprobs(run_dir, seq)
+    for t in range(1, len(seq)):
+        assert lp.token_logprobs[t] == pytest.approx(ref[t - 1, seq[t]].item(), abs=1e-4)
+        top = ref[t - 1].topk(3)
+        assert {tok.decode([i]) for i in top.indices.tolist()} <= set(lp.top_logprobs[t])
+        if t >= n:  # generated at temperature 0: the most likely token
+            assert seq[t] == top.indices[0].item()
+    assert lp.text_offset == [len("".join(lp.tokens[:t])) for t in range(len(seq))]
+
+    without = client.completions.create(model="tiny-run", prompt=prompt, max_tokens=8, temperature=0,
+                                        logprobs=0)
+    assert without.choices[0].logprobs.tokens == lp.tokens[n:]
+    assert without.choices[0].logprobs.token_logprobs == pytest.approx(lp.token_logprobs[n:], abs=1e-5)
+    assert client.completions.create(model="tiny-run", prompt=prompt, max_tokens=2).choices[0].logprobs is None
+
+
+def test_streamed_logprobs_equal_the_whole_response(server, client):
+    kw = dict(model="tiny-run", prompt="The quick", max_tokens=20, temperature=0, logprobs=2, echo=True)
+    whole = client.completions.create(**kw).choices[0].logprobs
+    tokens, lps, offsets, text = [], [], [], ""
+    for chunk in client.completions.create(stream=True, **kw):
+        c = chunk.choices[0]
+        text += c.text
+        if c.logprobs is not None:
+            tokens += c.logprobs.tokens
+            lps += c.logprobs.token_logprobs
+            offsets += c.logprobs.text_offset
+    assert tokens == whole.tokens and offsets == whole.text_offset and "".join(tokens) == text
+    assert lps[0] is None and lps[1:] == pytest.approx(whole.token_logprobs[1:], abs=1e-5)
+
+
+def test_chat_logprobs(server, client):
+    kw = dict(model="tiny-run", messages=[{"role": "user", "content": "Hello"}], max_tokens=10,
+              temperature=0, logprobs=True, top_logprobs=2)
+    r = client.chat.completions.create(**kw)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for item in content:
+        assert len(item.top_logprobs) == 2 and item.top_logprobs[0].logprob >= item.top_logprobs[1].logprob
+        assert item.token == item.top_logprobs[0].token  # greedy
+        assert item.logprob == pytest.approx(item.top_logprobs[0].logprob)
+        assert item.bytes == list(item.token.encode())
+    streamed = [item for chunk in client.chat.completions.create(stream=True, **kw) if chunk.choices
+                for item in (chunk.choices[0].logprobs.content if chunk.choices[0].logprobs else [])]
+    assert [i.token for i in streamed] == [i.token for i in content]
+    plain = client.chat.completions.create(**{**kw, "logprobs": False, "top_logprobs": None})
+    assert plain.choices[0].logprobs is None
 
 
 def test_metrics(server, client):

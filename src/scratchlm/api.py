@@ -198,8 +198,6 @@ def reject_unsupported(data: dict, chat: bool) -> None:
                        "repeats)", name)
     if data.get("logit_bias"):
         raise bad_request("'logit_bias' is not supported", "logit_bias")
-    if data.get("logprobs") not in (None, False, 0) or data.get("top_logprobs"):
-        raise bad_request("'logprobs' is not supported", "logprobs")
     if chat:
         for name in ("tools", "functions", "tool_choice", "function_call"):
             if data.get(name):
@@ -214,11 +212,66 @@ def reject_unsupported(data: dict, chat: bool) -> None:
             raise bad_request("'best_of' other than n is not supported", "best_of")
 
 
+MAX_LOGPROBS = 20
+"""The most alternatives per token a request may ask for (vLLM's default limit)."""
+
+
+def logprobs_param(data: dict, chat: bool) -> int | None:
+    """How many alternatives per token a request wants, None for no log-probabilities.
+    Completions: `logprobs` = 0..20; chat: `logprobs: true`, with `top_logprobs` = 0..20."""
+    if not chat:
+        return None if data.get("logprobs") is False else number_param(
+            data, "logprobs", None, 0, MAX_LOGPROBS, integer=True)
+    want = data.get("logprobs")
+    if want not in (None, True, False):
+        raise bad_request("'logprobs' must be true or false", "logprobs")
+    top = number_param(data, "top_logprobs", None, 0, MAX_LOGPROBS, integer=True)
+    if top is not None and not want:
+        raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    return (top or 0) if want else None
+
+
+def completion_logprobs(tokenizer, ids: list[int], entries: list, offset: int = 0) -> dict:
+    """The completions API's `logprobs` object for these ids: each token's text, logprob
+    (None for a prompt's first token), a {text: logprob} of the most likely ones (the chosen
+    token always among them, as OpenAI and vLLM do) and its offset in the text, counted as
+    vLLM does (the running length of the tokens' own texts)."""
+    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for tid, entry in zip(ids, entries, strict=True):
+        text = tokenizer.decode([tid])
+        out["tokens"].append(text)
+        out["text_offset"].append(offset)
+        offset += len(text)
+        if entry is None:
+            out["token_logprobs"].append(None)
+            out["top_logprobs"].append(None)
+            continue
+        out["token_logprobs"].append(entry[0])
+        top = {tokenizer.decode([i]): v for i, v in entry[1]}
+        top.setdefault(text, entry[0])
+        out["top_logprobs"].append(top)
+    return out
+
+
+def chat_logprobs(tokenizer, ids: list[int], entries: list) -> dict:
+    """The chat API's `logprobs` object: {"content": [{token, logprob, bytes, top_logprobs}]};
+    `bytes` is null for a token that is not whole characters (OpenAI allows that)."""
+    def item(tid: int, logprob: float) -> dict:
+        text = tokenizer.decode([tid])
+        return {"token": text, "logprob": logprob,
+                "bytes": None if "\ufffd" in text else list(text.encode("utf-8"))}
+
+    return {"content": [{**item(tid, entry[0]), "top_logprobs": [item(i, v) for i, v in entry[1]]}
+                        for tid, entry in zip(ids, entries, strict=True)]}
+
+
 class ParsedRequest:
     """A validated generation request."""
 
     def __init__(self, prompts: list[list[int]], params: list[GenerationParams], n: int,
-                 stream: bool, include_usage: bool, prompt_texts: list[str], echo: bool) -> None:
+                 stream: bool, include_usage: bool, prompt_texts: list[str], echo: bool,
+                 logprobs: int | None = None) -> None:
         self.prompts, self.params, self.n = prompts, params, n
         self.stream, self.include_usage = stream, include_usage
         self.prompt_texts, self.echo = prompt_texts, echo
+        self.logprobs = logprobs  # alternatives per token; None: no log-probabilities

@@ -60,6 +60,17 @@ from scratchlm.model import KVCache, Transformer
 
 log = logging.getLogger(__name__)
 
+def logprob_entries(lp: torch.Tensor, ids: list[int], k: int) -> list[Logprob]:
+    """lp: (N, V) log-probabilities, ids: the N tokens taken -> each one's logprob and the k
+    most likely (id, logprob) pairs at its position."""
+    chosen = lp.gather(1, torch.tensor(ids, dtype=torch.long, device=lp.device)[:, None])[:, 0].tolist()
+    k = min(k, lp.shape[-1])
+    if k == 0:
+        return [(c, []) for c in chosen]
+    values, indices = lp.topk(k, dim=-1)
+    return [(c, list(zip(i, v))) for c, i, v in zip(chosen, indices.tolist(), values.tolist())]
+
+
 PREFILL_TOKENS = 4096
 """At most this many (padded) prompt tokens go through one prefill pass; a longer prompt still
 goes, alone. Bounds the memory of a burst of long prompts."""
@@ -90,6 +101,16 @@ class GenerationParams:
     """Seed of this request's own generator: its samples do not depend on other requests."""
     ignore_eos: bool = False
     """Keep going past end-of-text (benchmarks want a fixed number of tokens)."""
+    logprobs: int | None = None
+    """None: no log-probabilities; k >= 0: each new token's, with the k most likely tokens'."""
+    prompt_logprobs: bool = False
+    """Also the prompt's tokens' (each given the tokens before it), with `logprobs` alternatives."""
+
+
+Logprob = tuple[float, list[tuple[int, float]]]
+"""A token's log-probability under the model (log-softmax of its raw logits, before
+temperature or any filter, as vLLM reports by default), and the most likely (id, logprob)
+pairs at that position, most likely first."""
 
 
 @dataclass
@@ -107,6 +128,11 @@ class Event:
     error: str | None = None
     ids: list[int] = field(default_factory=list)
     """The request's new token ids since its previous event (end-of-text excluded)."""
+    logprobs: list[Logprob] = field(default_factory=list)
+    """With `GenerationParams.logprobs`: one entry per id in `ids`."""
+    prompt_logprobs: list[Logprob | None] | None = None
+    """With `GenerationParams.prompt_logprobs`, in the first event: one entry per prompt token
+    (None for the first, which has nothing before it)."""
 
 
 @dataclass
@@ -140,6 +166,9 @@ class Request:
         self.generator: torch.Generator | None = None  # set by the engine for a seeded request
         self.slot = -1
         self.tokens: list[int] = []  # new ids, end-of-text excluded
+        self.logprobs: list[Logprob] = []  # one per token, when asked for
+        self.prompt_logprobs: list[Logprob | None] | None = None
+        self.prompt_sent = False  # prompt_logprobs went out with an event
         self.sent = 0  # of `tokens`, how many earlier events carried
         self.held: list[int] = []  # ids whose text is not yet a whole character
         self.text = ""  # decoded new text (stop string cut off once found)
@@ -366,23 +395,28 @@ class Engine:
         token. Prompts that arrive together share forward passes (shorter ones padded, see
         `Transformer.forward`): on the 2-core CPU 8 prompts of 42 tokens took 4.8 ms in one
         pass against 12.5 ms one by one, and every one of them waits for the last."""
-        reqs = sorted(reqs, key=lambda r: len(r.prompt))  # similar lengths together: less padding
-        while reqs:
+        chunks = [[req] for req in reqs if req.params.prompt_logprobs]  # logits everywhere: alone
+        reqs = sorted((r for r in reqs if not r.params.prompt_logprobs), key=lambda r: len(r.prompt))
+        while reqs:  # sorted by length: similar lengths together, less padding
             n = 1  # the longest of a sorted chunk is its last: grow while the padded size fits
             while n < len(reqs) and (n + 1) * len(reqs[n].prompt) <= PREFILL_TOKENS:
                 n += 1
-            chunk, reqs = reqs[:n], reqs[n:]
+            chunks.append(reqs[:n])
+            reqs = reqs[n:]
+        for chunk in chunks:
             rows = [req.slot for req in chunk]
             self.cache.reset(rows)
             lengths = [len(req.prompt) for req in chunk]
+            every = chunk[0].params.prompt_logprobs
             logits, _ = self.model(padded_batch([req.prompt for req in chunk], self.device),
-                                   cache=self.cache, rows=torch.tensor(rows), last_only=True,
-                                   lengths=lengths)  # (n, 1, V)
+                                   cache=self.cache, rows=torch.tensor(rows), last_only=not every,
+                                   lengths=lengths)  # (n, 1, V), or (1, T, V) for prompt logprobs
             self.prompt_tokens_total += sum(lengths)
-            now = time.perf_counter()
-            for req, tok in zip(chunk, self._sample(logits[:, -1], chunk)):
-                req.t_first_token = now
-                self._accept(req, tok)
+            if every:
+                req = chunk[0]
+                lp = logits[0, :-1].float().log_softmax(-1)  # position t predicts token t + 1
+                req.prompt_logprobs = [None, *logprob_entries(lp, req.prompt[1:], req.params.logprobs or 0)]
+            self._sample_and_accept(logits[:, -1], chunk, first=True)
 
     def _decode_step(self) -> None:
         """One new token for every active request: a single (B, 1) forward pass."""
@@ -391,11 +425,26 @@ class Engine:
         idx = torch.tensor(last, device=self.device)  # (B, 1); row i is cache row i
         logits, _ = self.model(idx, cache=self.cache, last_only=True)  # (B, 1, V)
         self.steps_total += 1
-        for req, tok in zip(reqs, self._sample(logits[:, -1], reqs)):
-            self._accept(req, tok)
+        self._sample_and_accept(logits[:, -1], reqs)
         if any(r.done for r in reqs):
             with self._lock:
                 self._drop_cancelled()
+
+    def _sample_and_accept(self, logits: torch.Tensor, reqs: list[Request], first: bool = False) -> None:
+        """logits (B, V) -> each request's next token, with its log-probabilities if asked for."""
+        toks = self._sample(logits, reqs)
+        entries: list[Logprob | None] = [None] * len(reqs)
+        want = [i for i, req in enumerate(reqs) if req.params.logprobs is not None]
+        if want:
+            k = max(reqs[i].params.logprobs for i in want)
+            lp = logits[want].float().log_softmax(-1)
+            for i, (chosen, top) in zip(want, logprob_entries(lp, [toks[i] for i in want], k)):
+                entries[i] = (chosen, top[: reqs[i].params.logprobs])
+        now = time.perf_counter()
+        for req, tok, entry in zip(reqs, toks, entries):
+            if first:
+                req.t_first_token = now
+            self._accept(req, tok, entry)
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[int]:
         """logits (B, V) -> one id per request. Rows that share a sampling config and need no
@@ -419,7 +468,7 @@ class Engine:
                 out[i] = tok
         return out  # type: ignore[return-value]
 
-    def _accept(self, req: Request, tok: int) -> None:
+    def _accept(self, req: Request, tok: int, logprob: Logprob | None = None) -> None:
         """Add a sampled token to a request: text, stop strings, limits, events."""
         if req.cancelled or req.done:
             return
@@ -428,6 +477,8 @@ class Engine:
             self._finish(req, "stop")
             return
         req.tokens.append(tok)
+        if logprob is not None:
+            req.logprobs.append(logprob)
         self.generation_tokens_total += 1
         finish = "length" if len(req.tokens) >= params.max_tokens else None
         piece = self._piece(tok)
@@ -453,7 +504,7 @@ class Engine:
         if len(final) > req.emitted:
             delta = final[req.emitted :]
             req.emitted = len(final)
-            req.sink(Event(req.index, delta, ids=self._new_ids(req)))
+            req.sink(Event(req.index, delta, **self._new_output(req)))
 
     def _piece(self, tok: int) -> str | None:
         """The text of one token on its own ("" for a special token), or None when it is not
@@ -485,13 +536,18 @@ class Engine:
         delta = req.text[req.emitted :] if reason in ("stop", "length") else ""
         req.emitted = len(req.text)
         req.sink(Event(req.index, delta, reason, len(req.prompt), len(req.tokens), error,
-                       self._new_ids(req)))
+                       **self._new_output(req)))
 
     @staticmethod
-    def _new_ids(req: Request) -> list[int]:
-        ids = req.tokens[req.sent :]
+    def _new_output(req: Request) -> dict:
+        """What an event carries besides text: the ids (and their log-probabilities) since the
+        previous event, and the prompt's log-probabilities in the first."""
+        out = {"ids": req.tokens[req.sent :], "logprobs": req.logprobs[req.sent :]}
         req.sent = len(req.tokens)
-        return ids
+        if req.prompt_logprobs is not None and not req.prompt_sent:
+            out["prompt_logprobs"] = req.prompt_logprobs
+            req.prompt_sent = True
+        return out
 
 
 class EventStream:
@@ -618,7 +674,8 @@ class EngineProcess:
         parent -> child: ("submit", [(id, prompt, params), ...]) | ("cancel", id) | ("stop",)
         child -> parent: ("ready", threads) | ("failed", message) first, then
                          ("events", [(id, text, finish_reason, prompt_tokens,
-                          completion_tokens, error, ids), ...], (waiting, running,
+                          completion_tokens, error, ids, logprobs, prompt_logprobs), ...],
+                          (waiting, running,
                           prompt tokens, generation tokens, steps))
 
     The child exits when the parent's end of the pipe closes, so it never outlives the server.
@@ -759,7 +816,7 @@ class EngineProcess:
             self._waiting, self._running, self.prompt_tokens_total, \
                 self.generation_tokens_total, self.steps_total = stats
             now = time.perf_counter()
-            for rid, text, reason, prompt_tokens, completion_tokens, error, ids in events:
+            for rid, text, reason, prompt_tokens, completion_tokens, error, ids, lps, prompt_lps in events:
                 req = self._reqs.get(rid)
                 if req is None:
                     continue
@@ -768,12 +825,16 @@ class EngineProcess:
                 if req.t_first_token is None and (ids or reason in ("stop", "length")):
                     req.t_first_token = now
                 req.tokens += ids
+                req.logprobs += lps
+                if prompt_lps is not None:
+                    req.prompt_logprobs = prompt_lps
                 req.text += text
                 if reason is not None:
                     req.finish_reason, req.t_done = reason, now
                     with self._lock:
                         self._reqs.pop(rid, None)
-                req.sink(Event(req.index, text, reason, prompt_tokens, completion_tokens, error, ids))
+                req.sink(Event(req.index, text, reason, prompt_tokens, completion_tokens, error, ids,
+                               lps, prompt_lps))
         with self._lock:
             unexpected = not self._stopping
             self._closed = True
@@ -870,7 +931,8 @@ class _Relay:
             rid = ids[ev.index]
             with self.lock:
                 self.outbox.append((rid, ev.text, ev.finish_reason, ev.prompt_tokens,
-                                    ev.completion_tokens, ev.error, ev.ids))
+                                    ev.completion_tokens, ev.error, ev.ids, ev.logprobs,
+                                    ev.prompt_logprobs))
                 if rid not in self.started or ev.finish_reason is not None:
                     self.urgent = True
                     self.started.add(rid)

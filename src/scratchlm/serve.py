@@ -55,6 +55,9 @@ from scratchlm.api import (
     Metrics,
     ParsedRequest,
     bad_request,
+    chat_logprobs,
+    completion_logprobs,
+    logprobs_param,
     number_param,
     reject_unsupported,
     render_chat,
@@ -139,7 +142,9 @@ class _Server:
 
     def parse(self, data: dict, prompts: list[list[int]], prompt_param: str, default_max: int | None,
               extra_stop: list[str], prompt_texts: list[str]) -> ParsedRequest:
-        reject_unsupported(data, chat=prompt_param == "messages")
+        chat = prompt_param == "messages"
+        reject_unsupported(data, chat=chat)
+        logprobs = logprobs_param(data, chat)
         for p in prompts:
             if not p:
                 raise bad_request(f"'{prompt_param}' is empty: give at least one token of text", prompt_param)
@@ -191,13 +196,15 @@ class _Server:
             for j in range(n):
                 params.append(GenerationParams(max_tokens=max_tokens, sampling=sampling, stop=stop,
                                                seed=None if seed is None else seed + j,
-                                               ignore_eos=ignore_eos))
+                                               ignore_eos=ignore_eos, logprobs=logprobs,
+                                               prompt_logprobs=echo and not chat and logprobs is not None))
                 expanded.append(p)
                 texts.append(text)
         if len(expanded) > self.engine.max_batch + self.engine.max_queue:
             raise bad_request(f"{len(expanded)} sequences (prompts x n) exceed the server's capacity of "
                        f"{self.engine.max_batch + self.engine.max_queue}", "n")
-        return ParsedRequest(expanded, params, n, stream, bool(opts.get("include_usage")), texts, echo)
+        return ParsedRequest(expanded, params, n, stream, bool(opts.get("include_usage")), texts, echo,
+                             logprobs)
 
     def start(self, parsed: ParsedRequest) -> EventStream:
         try:
@@ -401,6 +408,8 @@ async def _complete(srv, request, stream: EventStream, parsed: ParsedRequest, ch
     """Non-streaming: gather every choice; a client that leaves cancels its sequences."""
     k = len(parsed.prompts)
     texts, reasons = [""] * k, [None] * k
+    ids: list[list[int]] = [[] for _ in range(k)]
+    entries: list[list] = [[] for _ in range(k)]
     prompt_tokens = completion_tokens = 0
     error = None
 
@@ -409,6 +418,11 @@ async def _complete(srv, request, stream: EventStream, parsed: ParsedRequest, ch
         while not stream.finished:
             for ev in await stream.next_batch():
                 texts[ev.index] += ev.text
+                if ev.prompt_logprobs is not None:  # echo: the prompt's tokens come first
+                    ids[ev.index] += parsed.prompts[ev.index]
+                    entries[ev.index] += ev.prompt_logprobs
+                ids[ev.index] += ev.ids
+                entries[ev.index] += ev.logprobs
                 if ev.finish_reason is not None:
                     reasons[ev.index] = ev.finish_reason
                     completion_tokens += ev.completion_tokens
@@ -436,12 +450,15 @@ async def _complete(srv, request, stream: EventStream, parsed: ParsedRequest, ch
              "total_tokens": prompt_tokens + completion_tokens}
     choices = []
     for i in range(k):
+        logprobs = None
+        if parsed.logprobs is not None:
+            logprobs = (chat_logprobs if chat else completion_logprobs)(srv.tokenizer, ids[i], entries[i])
         if chat:
             choices.append({"index": i, "message": {"role": "assistant", "content": texts[i].lstrip()},
-                            "logprobs": None, "finish_reason": reasons[i]})
+                            "logprobs": logprobs, "finish_reason": reasons[i]})
         else:
             text = parsed.prompt_texts[i] + texts[i] if parsed.echo else texts[i]
-            choices.append({"index": i, "text": text, "logprobs": None, "finish_reason": reasons[i]})
+            choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": reasons[i]})
     return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
                          "created": created, "model": srv.model_name, "choices": choices,
                          "usage": usage})
@@ -459,14 +476,24 @@ async def _sse(srv: _Server, stream: EventStream, parsed: ParsedRequest, chat: b
     base = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
             "created": created, "model": srv.model_name}
     started = [False] * k  # chat: leading whitespace of the reply is dropped until text starts
+    offsets = [0] * k  # completions with logprobs: where the next token's text starts
     prompt_tokens = completion_tokens = 0
+    # With echo and logprobs, the prompt's text waits for its log-probabilities (first event).
+    echo_now = parsed.echo and parsed.logprobs is None
 
-    def chunk(i: int, text: str | None, reason: str | None) -> dict:
+    def chunk(i: int, text: str | None, reason: str | None, ids=(), entries=()) -> dict:
+        logprobs = None
+        if parsed.logprobs is not None and ids:
+            if chat:
+                logprobs = chat_logprobs(srv.tokenizer, list(ids), list(entries))
+            else:
+                logprobs = completion_logprobs(srv.tokenizer, list(ids), list(entries), offsets[i])
+                offsets[i] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
         if chat:
             delta = {} if text is None else {"content": text}
-            choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}
+            choice = {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
         else:
-            choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": reason}
+            choice = {"index": i, "text": text or "", "logprobs": logprobs, "finish_reason": reason}
         return {**base, "choices": [choice]}
 
     srv.metrics.open_streams += 1
@@ -476,7 +503,7 @@ async def _sse(srv: _Server, stream: EventStream, parsed: ParsedRequest, chat: b
                 role = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                         "finish_reason": None}
                 yield _sse_line({**base, "choices": [role]})
-            elif parsed.echo:
+            elif echo_now:
                 yield _sse_line(chunk(i, parsed.prompt_texts[i], None))
         last_send = 0.0
         while not stream.finished:
@@ -486,25 +513,31 @@ async def _sse(srv: _Server, stream: EventStream, parsed: ParsedRequest, chat: b
                 await stream.hold(wait)
             events = await stream.next_batch()
             last_send = time.perf_counter()
-            pieces: dict[int, list] = {}  # index -> [text, finish_reason]
+            pieces: dict[int, list] = {}  # index -> [text, finish_reason, ids, logprobs]
             for ev in events:
                 if ev.error:
                     yield _sse_line(APIError(500, ev.error, "server_error").body())
                     return
-                piece = pieces.setdefault(ev.index, ["", None])
+                piece = pieces.setdefault(ev.index, ["", None, [], []])
+                if ev.prompt_logprobs is not None and parsed.echo:
+                    piece[0] += parsed.prompt_texts[ev.index]
+                    piece[2] += parsed.prompts[ev.index]
+                    piece[3] += ev.prompt_logprobs
                 piece[0] += ev.text
+                piece[2] += ev.ids
+                piece[3] += ev.logprobs
                 if ev.finish_reason is not None:
                     piece[1] = ev.finish_reason
                     completion_tokens += ev.completion_tokens
                     if ev.index % parsed.n == 0:
                         prompt_tokens += ev.prompt_tokens
             out = []
-            for i, (text, reason) in pieces.items():
+            for i, (text, reason, ids, entries) in pieces.items():
                 if chat and not started[i]:
                     text = text.lstrip()
                     started[i] = bool(text)
-                if text:
-                    out.append(_sse_line(chunk(i, text, None)))
+                if text or (ids and parsed.logprobs is not None):
+                    out.append(_sse_line(chunk(i, text, None, ids, entries)))
                 if reason is not None:
                     out.append(_sse_line(chunk(i, None, reason)))
             if out:
