@@ -119,6 +119,35 @@ def test_prompts_admitted_together_share_a_padded_prefill(model, tok, monkeypatc
         assert shapes[:3] == [(2, lengths[1]), (1, lengths[2]), (1, lengths[3])]
 
 
+def test_a_failing_prefill_fails_only_its_own_request(model, tok):
+    """A new prompt whose prefill raises (out of memory, say) ends with an error; the request
+    already decoding finishes as if nothing happened."""
+    bad = tok.encode("xyz!")
+    real = model.forward
+
+    def forward(idx, *args, **kwargs):  # the real model, except for that one prompt
+        if idx.shape[1] == len(bad) and idx[0].tolist() == bad:
+            raise RuntimeError("out of memory (injected)")
+        return real(idx, *args, **kwargs)
+
+    ids = tok.encode("The quick")
+    want = reference_greedy(model, ids, 60, tok.eot_id)
+    eng = Engine(model, tok, max_batch=3, max_queue=4).start()
+    model.forward = forward
+    try:
+        running: queue.Queue[Event] = queue.Queue()
+        (good,) = eng.submit([ids], GenerationParams(max_tokens=60, sampling=GREEDY), running.put)
+        running.get(timeout=30)  # decoding
+        with pytest.raises(RuntimeError, match="injected"):
+            eng.generate(bad, GenerationParams(max_tokens=5, sampling=GREEDY))
+        while running.get(timeout=30).finish_reason is None:
+            pass
+    finally:
+        del model.forward
+        eng.stop()
+    assert good.tokens == want and good.finish_reason in ("length", "stop")
+
+
 def test_matches_generate_text(engine, model, tok):
     """The engine's text equals the CLI's generate_text (same sampling core, same stop rules)."""
     prompt = "The quick"

@@ -404,19 +404,29 @@ class Engine:
             chunks.append(reqs[:n])
             reqs = reqs[n:]
         for chunk in chunks:
-            rows = [req.slot for req in chunk]
-            self.cache.reset(rows)
-            lengths = [len(req.prompt) for req in chunk]
-            every = chunk[0].params.prompt_logprobs
-            logits, _ = self.model(padded_batch([req.prompt for req in chunk], self.device),
-                                   cache=self.cache, rows=torch.tensor(rows), last_only=not every,
-                                   lengths=lengths)  # (n, 1, V), or (1, T, V) for prompt logprobs
-            self.prompt_tokens_total += sum(lengths)
-            if every:
-                req = chunk[0]
-                lp = logits[0, :-1].float().log_softmax(-1)  # position t predicts token t + 1
-                req.prompt_logprobs = [None, *logprob_entries(lp, req.prompt[1:], req.params.logprobs or 0)]
-            self._sample_and_accept(logits[:, -1], chunk, first=True)
+            try:
+                self._prefill_chunk(chunk)
+            except Exception as e:  # noqa: BLE001 - a new prompt that fails (say out of memory)
+                # fails its own requests; the running ones only share the step. Its rows alone
+                # were written, and they are reset before their next use.
+                log.exception("prefill failed")
+                for req in chunk:
+                    self._finish(req, "error", error=f"internal error: {type(e).__name__}: {e}")
+
+    def _prefill_chunk(self, chunk: list[Request]) -> None:
+        rows = [req.slot for req in chunk]
+        self.cache.reset(rows)
+        lengths = [len(req.prompt) for req in chunk]
+        every = chunk[0].params.prompt_logprobs
+        logits, _ = self.model(padded_batch([req.prompt for req in chunk], self.device),
+                               cache=self.cache, rows=torch.tensor(rows), last_only=not every,
+                               lengths=lengths)  # (n, 1, V), or (1, T, V) for prompt logprobs
+        self.prompt_tokens_total += sum(lengths)
+        if every:
+            req = chunk[0]
+            lp = logits[0, :-1].float().log_softmax(-1)  # position t predicts token t + 1
+            req.prompt_logprobs = [None, *logprob_entries(lp, req.prompt[1:], req.params.logprobs or 0)]
+        self._sample_and_accept(logits[:, -1], chunk, first=True)
 
     def _decode_step(self) -> None:
         """One new token for every active request: a single (B, 1) forward pass."""
