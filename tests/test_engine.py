@@ -353,6 +353,39 @@ def test_logprobs_are_the_models_log_softmax(engine, model, tok):
     assert len(req.logprobs) == len(req.tokens) == 12
 
 
+def eot_model(tok) -> Transformer:
+    """A model that always predicts end-of-text: the final norm outputs one fixed vector
+    (weight 0, bias e) and only end-of-text's output row points along it."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=16,
+                                    context_length=64, tie_embeddings=False))
+    with torch.no_grad():
+        e = torch.randn(16)
+        model.norm_f.weight.zero_()
+        model.norm_f.bias.copy_(e)
+        model.lm_head.weight.normal_(0, 0.01)
+        model.lm_head.weight[tok.eot_id] = e
+    return model.eval()
+
+
+def test_end_of_text_is_scored_too(tok):
+    """A reply that stops at end-of-text has no token for it, but its logprobs end with
+    end-of-text's entry (an evaluation may ask how likely the text is to end there)."""
+    model = eot_model(tok)
+    prompt = tok.encode("Hello")
+    eng = Engine(model, tok, max_batch=2).start()
+    try:
+        (req,), events = collect(eng, [prompt], GenerationParams(max_tokens=5, sampling=GREEDY, logprobs=2))
+    finally:
+        eng.stop()
+    with torch.no_grad():
+        lp = model(torch.tensor([prompt]))[0][0, -1].log_softmax(-1)
+    assert req.tokens == [] and req.finish_reason == "stop"
+    ((chosen, top),) = req.logprobs
+    assert chosen == pytest.approx(lp[tok.eot_id].item(), abs=1e-5) and top[0][0] == tok.eot_id
+    assert [x for e in events[0] for x in e.logprobs] == req.logprobs
+
+
 def test_engine_process_equals_the_engine_in_this_process(run_dir, engine, tok):
     """Same requests (greedy, seeded sampling, a stop string) through the child process and
     through an in-process engine: the same text, ids, finish reasons and token counts; the
@@ -362,7 +395,7 @@ def test_engine_process_equals_the_engine_in_this_process(run_dir, engine, tok):
     prompts = [tok.encode(p) for p in ("Hello", "The quick", "abc")]
     params = [GenerationParams(max_tokens=40, sampling=GREEDY),
               GenerationParams(max_tokens=30, sampling=SamplingConfig(temperature=1.0, top_k=20), seed=7,
-                               logprobs=2, prompt_logprobs=True),
+                               logprobs=2, prompt_logprobs=True, ignore_eos=True),
               GenerationParams(max_tokens=50, sampling=GREEDY, stop=["o"])]
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # as the child runs this small model: the same logits, bit for bit
@@ -383,7 +416,7 @@ def test_engine_process_equals_the_engine_in_this_process(run_dir, engine, tok):
             assert [x for e in got[i] for x in e.logprobs] == reqs[i].logprobs
             _assert_logprobs_close(reqs[i].logprobs, want_reqs[i].logprobs)
             _assert_logprobs_close(reqs[i].prompt_logprobs or [], want_reqs[i].prompt_logprobs or [])
-        assert len(reqs[1].logprobs) == len(reqs[1].tokens) and len(reqs[1].prompt_logprobs) == len(prompts[1])
+        assert len(reqs[1].logprobs) == len(reqs[1].tokens) == 30 and len(reqs[1].prompt_logprobs) == len(prompts[1])
         assert got[1][0].prompt_logprobs == reqs[1].prompt_logprobs
         assert child.generation_tokens_total == sum(len(r.tokens) for r in reqs)
         assert child.running == 0 and child.queue_depth == 0

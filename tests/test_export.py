@@ -33,10 +33,10 @@ from scratchlm.cli import main as cli_main  # noqa: E402
 from scratchlm.config import ModelConfig, RunConfig  # noqa: E402
 from scratchlm.errors import UserError  # noqa: E402
 from scratchlm.export import export_hf, import_hf, model_config_from_hf  # noqa: E402
-from scratchlm.gguf_export import _bytes_to_unicode, export_gguf, gguf_unpermute  # noqa: E402
+from scratchlm.gguf_export import export_gguf, gguf_unpermute  # noqa: E402
 from scratchlm.generate import SamplingConfig, generate  # noqa: E402
 from scratchlm.model import Transformer  # noqa: E402
-from scratchlm.tokenizer import Tokenizer, train_bpe, train_char  # noqa: E402
+from scratchlm.tokenizer import Tokenizer, byte_level_table, train_bpe, train_char  # noqa: E402
 
 transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -349,7 +349,7 @@ def test_gguf_tokenizer_embedded(kind, work, toks):
         assert tokens[:-2] == sorted(spec["model"]["vocab"], key=spec["model"]["vocab"].get)
         assert merges == [" ".join(m) for m in spec["model"]["merges"]]
     # Encoding with the embedded vocabulary, as llama.cpp's BPE does, gives our ids.
-    byte_sym = _bytes_to_unicode()
+    byte_sym = byte_level_table()
     assert sorted(byte_sym.values()) == sorted(pre_tokenizers.ByteLevel.alphabet())
     to_byte = {c: b for b, c in byte_sym.items()}
     ranks = {tuple(m.split(" ")): r for r, m in enumerate(merges)}
@@ -374,7 +374,7 @@ def test_gguf_of_an_ascii_char_tokenizer_has_merges_that_never_apply(work):
     meta, _, _ = _read_gguf(export_gguf(make_run(work, "run-ascii", tok_path), work / "ascii.gguf"))
     merges = meta["tokenizer.ggml.merges"]
     assert merges
-    byte_sym = _bytes_to_unicode()
+    byte_sym = byte_level_table()
     tokens = meta["tokenizer.ggml.tokens"]
     ranks = {tuple(m.split(" ")): r for r, m in enumerate(merges)}
     text = "hello world\n"

@@ -408,6 +408,35 @@ def test_completion_logprobs_with_echo_are_the_models(server, client, run_dir):
     assert client.completions.create(model="tiny-run", prompt=prompt, max_tokens=2).choices[0].logprobs is None
 
 
+def test_scoring_a_text_that_ends_at_end_of_text(run_dir):
+    """lm-evaluation-harness's loglikelihood request (echo, logprobs 1, max_tokens 1): one
+    entry per prompt token plus one for the generated token, also when that one is
+    end-of-text, so `token_logprobs[ctxlen:-1]` is exactly the continuation's."""
+    from test_engine import eot_model  # the same constructed model
+
+    tok = train_char([TEXT])
+    d = run_dir.parent / "eot-run"
+    model = eot_model(tok)
+    write_run(d, model, RunConfig(model=model.cfg), run_dir.parent / "tokenizer.json")
+    ids = tok.encode("Hello, World")
+    body = {"prompt": [ids], "max_tokens": 1, "temperature": 0, "logprobs": 1, "echo": True, "seed": 1234}
+    with running_server(create_app(d, max_batch=2, engine="thread")) as url:
+        r = httpx.post(url + "/v1/completions", json=body, timeout=30).json()
+        streamed = [json.loads(line[6:]) for line in httpx.post(
+            url + "/v1/completions", json={**body, "stream": True}, timeout=30).text.splitlines()
+            if line.startswith("data: {")]
+    lp = r["choices"][0]["logprobs"]
+    assert r["choices"][0]["finish_reason"] == "stop" and r["choices"][0]["text"] == "Hello, World"
+    assert len(lp["tokens"]) == len(ids) + 1 and lp["tokens"][-1] == "<|endoftext|>"
+    with torch.no_grad():
+        ref = model(torch.tensor([ids]))[0][0].log_softmax(-1)
+    want = [ref[t - 1, ids[t]].item() for t in range(1, len(ids))] + [ref[-1, tok.eot_id].item()]
+    assert lp["token_logprobs"][0] is None and lp["token_logprobs"][1:] == pytest.approx(want, abs=1e-4)
+    assert lp["text_offset"][-1] == len("Hello, World")  # end-of-text takes no room in the text
+    got = [t for c in streamed for t in ((c["choices"][0]["logprobs"] or {}).get("tokens") or [])]
+    assert got == lp["tokens"]
+
+
 def test_streamed_logprobs_equal_the_whole_response(server, client):
     kw = dict(model="tiny-run", prompt="The quick", max_tokens=20, temperature=0, logprobs=2, echo=True)
     whole = client.completions.create(**kw).choices[0].logprobs
@@ -421,6 +450,20 @@ def test_streamed_logprobs_equal_the_whole_response(server, client):
             offsets += c.logprobs.text_offset
     assert tokens == whole.tokens and offsets == whole.text_offset and "".join(tokens) == text
     assert lps[0] is None and lps[1:] == pytest.approx(whole.token_logprobs[1:], abs=1e-5)
+
+
+def test_chat_logprob_bytes_join_into_the_reply():
+    """A byte-level token that is half a character shows U+FFFD as its text, but its bytes
+    are its own: joined, they give the reply."""
+    from scratchlm.api import chat_logprobs
+    from scratchlm.tokenizer import train_bpe
+
+    tok = train_bpe(["héllo wörld ☃ 日本語 テキスト emoji 😀😃 " * 20], vocab_size=300)
+    ids = tok.encode("テキスト 😀")
+    content = chat_logprobs(tok, ids, [(-1.0, [(i, -1.0)]) for i in ids])["content"]
+    assert any("\ufffd" in c["token"] for c in content)
+    assert bytes(b for c in content for b in c["bytes"]).decode() == "テキスト 😀"
+    assert content[0]["top_logprobs"][0]["bytes"] == content[0]["bytes"]
 
 
 def test_chat_logprobs(server, client):

@@ -63,6 +63,15 @@ def test_bpe_roundtrips_any_unicode(bpe: Tokenizer) -> None:
         assert bpe.decode(bpe.encode(s)) == s, repr(s)
 
 
+def test_token_bytes_join_into_the_text(bpe: Tokenizer, char: Tokenizer) -> None:
+    """Each token's own bytes (also half a character's) joined give the text's UTF-8."""
+    for s in VARIED + _random_strings(100):
+        assert b"".join(bpe.bytes_of(i) for i in bpe.encode(s)) == s.encode("utf-8"), repr(s)
+    for s in CORPUS:
+        assert b"".join(char.bytes_of(i) for i in char.encode(s)) == s.encode("utf-8")
+    assert bpe.bytes_of(bpe.eot_id) == EOT.encode() and char.bytes_of(char.pad_id) == PAD.encode()
+
+
 def test_bpe_encode_batch_matches_encode(bpe: Tokenizer) -> None:
     texts = VARIED + _random_strings(20, seed=1)
     assert bpe.encode_batch(texts) == [bpe.encode(t) for t in texts]

@@ -231,17 +231,23 @@ def logprobs_param(data: dict, chat: bool) -> int | None:
     return (top or 0) if want else None
 
 
-def completion_logprobs(tokenizer, ids: list[int], entries: list, offset: int = 0) -> dict:
-    """The completions API's `logprobs` object for these ids: each token's text, logprob
-    (None for a prompt's first token), a {text: logprob} of the most likely ones (the chosen
-    token always among them, as OpenAI and vLLM do) and its offset in the text, counted as
-    vLLM does (the running length of the tokens' own texts)."""
+def _scored_ids(tokenizer, ids: list[int], entries: list) -> list[int]:
+    """The ids that `entries` score: one more entry than ids is a last end-of-text's."""
+    return [*ids, tokenizer.eot_id] if len(entries) == len(ids) + 1 else ids
+
+
+def completion_logprobs(tokenizer, ids: list[int], entries: list, offset: int = 0) -> tuple[dict, int]:
+    """The completions API's `logprobs` object for these ids, and the offset after them: each
+    token's text, logprob (None for a prompt's first token), a {text: logprob} of the most
+    likely ones (the chosen token always among them, as OpenAI and vLLM do) and its offset in
+    the text, counted as vLLM does (the running length of the tokens' texts; a special token,
+    which the text leaves out, takes no room)."""
     out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for tid, entry in zip(ids, entries, strict=True):
+    for tid, entry in zip(_scored_ids(tokenizer, ids, entries), entries, strict=True):
         text = tokenizer.decode([tid])
         out["tokens"].append(text)
         out["text_offset"].append(offset)
-        offset += len(text)
+        offset += len(tokenizer.decode([tid], skip_special_tokens=True))
         if entry is None:
             out["token_logprobs"].append(None)
             out["top_logprobs"].append(None)
@@ -250,19 +256,18 @@ def completion_logprobs(tokenizer, ids: list[int], entries: list, offset: int = 
         top = {tokenizer.decode([i]): v for i, v in entry[1]}
         top.setdefault(text, entry[0])
         out["top_logprobs"].append(top)
-    return out
+    return out, offset
 
 
 def chat_logprobs(tokenizer, ids: list[int], entries: list) -> dict:
     """The chat API's `logprobs` object: {"content": [{token, logprob, bytes, top_logprobs}]};
-    `bytes` is null for a token that is not whole characters (OpenAI allows that)."""
+    `bytes` are the token's own, also when it is part of a character (its text then shows
+    U+FFFD), so a client can join them into the text."""
     def item(tid: int, logprob: float) -> dict:
-        text = tokenizer.decode([tid])
-        return {"token": text, "logprob": logprob,
-                "bytes": None if "\ufffd" in text else list(text.encode("utf-8"))}
+        return {"token": tokenizer.decode([tid]), "logprob": logprob, "bytes": list(tokenizer.bytes_of(tid))}
 
     return {"content": [{**item(tid, entry[0]), "top_logprobs": [item(i, v) for i, v in entry[1]]}
-                        for tid, entry in zip(ids, entries, strict=True)]}
+                        for tid, entry in zip(_scored_ids(tokenizer, ids, entries), entries, strict=True)]}
 
 
 class ParsedRequest:

@@ -129,7 +129,8 @@ class Event:
     ids: list[int] = field(default_factory=list)
     """The request's new token ids since its previous event (end-of-text excluded)."""
     logprobs: list[Logprob] = field(default_factory=list)
-    """With `GenerationParams.logprobs`: one entry per id in `ids`."""
+    """With `GenerationParams.logprobs`: one entry per id in `ids`, and in the last event of a
+    request that stopped at end-of-text one more, the end-of-text's (which `ids` leaves out)."""
     prompt_logprobs: list[Logprob | None] | None = None
     """With `GenerationParams.prompt_logprobs`, in the first event: one entry per prompt token
     (None for the first, which has nothing before it)."""
@@ -166,7 +167,7 @@ class Request:
         self.generator: torch.Generator | None = None  # set by the engine for a seeded request
         self.slot = -1
         self.tokens: list[int] = []  # new ids, end-of-text excluded
-        self.logprobs: list[Logprob] = []  # one per token, when asked for
+        self.logprobs: list[Logprob] = []  # one per token (and a last end-of-text), when asked for
         self.prompt_logprobs: list[Logprob | None] | None = None
         self.prompt_sent = False  # prompt_logprobs went out with an event
         self.sent = 0  # of `tokens`, how many earlier events carried
@@ -272,8 +273,10 @@ class Engine:
 
     @property
     def running(self) -> int:
-        """Requests holding a slot."""
-        return len(self._active)
+        """Requests holding a slot and not yet finished (a finished one's slot is freed before
+        the next step, but it no longer counts once its last event went out: a client that
+        sends its next request at once must not find it still in the way)."""
+        return sum(not req.done for req in self._active)
 
     # --- submitting ------------------------------------------------------------------------
 
@@ -484,6 +487,8 @@ class Engine:
             return
         params = req.params
         if tok == self.eot_id and not params.ignore_eos:
+            if logprob is not None:  # scored like any token (an evaluation may ask how likely)
+                req.logprobs.append(logprob)
             self._finish(req, "stop")
             return
         req.tokens.append(tok)

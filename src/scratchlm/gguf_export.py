@@ -21,7 +21,7 @@ from scratchlm.files import atomic_write
 from scratchlm.config import ModelConfig
 from scratchlm.errors import UserError
 from scratchlm.export import to_hf_state
-from scratchlm.tokenizer import Tokenizer
+from scratchlm.tokenizer import Tokenizer, byte_level_table
 
 
 def export_gguf(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
@@ -163,7 +163,7 @@ def _add_gguf_tokenizer(w: Any, gguf: Any, tokenizer: Tokenizer, vocab_size: int
     by_id = {i: t for t, i in vocab.items()}
     specials = {tokenizer.eot_id, tokenizer.pad_id}
     spec = json.loads(tokenizer.to_str())
-    byte_sym = _bytes_to_unicode()
+    byte_sym = byte_level_table()
     tokens: list[str] = []
     types: list[int] = []
     merges: list[str] = []
@@ -206,20 +206,6 @@ def _add_gguf_tokenizer(w: Any, gguf: Any, tokenizer: Tokenizer, vocab_size: int
     w.add_pad_token_id(tokenizer.pad_id)
     w.add_add_bos_token(False)
     w.add_add_eos_token(False)
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table (what byte-level BPE tokens are made of)."""
-    printable = (("!", "~"), ("¡", "¬"), ("®", "ÿ"))
-    bs = [b for lo, hi in printable for b in range(ord(lo), ord(hi) + 1)]
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
 
 
 def _import_gguf() -> Any:

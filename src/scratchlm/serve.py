@@ -452,7 +452,8 @@ async def _complete(srv, request, stream: EventStream, parsed: ParsedRequest, ch
     for i in range(k):
         logprobs = None
         if parsed.logprobs is not None:
-            logprobs = (chat_logprobs if chat else completion_logprobs)(srv.tokenizer, ids[i], entries[i])
+            logprobs = (chat_logprobs(srv.tokenizer, ids[i], entries[i]) if chat
+                        else completion_logprobs(srv.tokenizer, ids[i], entries[i])[0])
         if chat:
             choices.append({"index": i, "message": {"role": "assistant", "content": texts[i].lstrip()},
                             "logprobs": logprobs, "finish_reason": reasons[i]})
@@ -483,12 +484,11 @@ async def _sse(srv: _Server, stream: EventStream, parsed: ParsedRequest, chat: b
 
     def chunk(i: int, text: str | None, reason: str | None, ids=(), entries=()) -> dict:
         logprobs = None
-        if parsed.logprobs is not None and ids:
+        if parsed.logprobs is not None and entries:
             if chat:
                 logprobs = chat_logprobs(srv.tokenizer, list(ids), list(entries))
             else:
-                logprobs = completion_logprobs(srv.tokenizer, list(ids), list(entries), offsets[i])
-                offsets[i] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
+                logprobs, offsets[i] = completion_logprobs(srv.tokenizer, list(ids), list(entries), offsets[i])
         if chat:
             delta = {} if text is None else {"content": text}
             choice = {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
@@ -536,7 +536,7 @@ async def _sse(srv: _Server, stream: EventStream, parsed: ParsedRequest, chat: b
                 if chat and not started[i]:
                     text = text.lstrip()
                     started[i] = bool(text)
-                if text or (ids and parsed.logprobs is not None):
+                if text or entries:
                     out.append(_sse_line(chunk(i, text, None, ids, entries)))
                 if reason is not None:
                     out.append(_sse_line(chunk(i, None, reason)))

@@ -49,6 +49,7 @@ class Tokenizer:
     def __init__(self, hf: HFTokenizer) -> None:
         self._hf = hf
         self.kind = _kind_of(json.loads(hf.to_str()))
+        self._from_symbol: dict[str, int] | None = None  # byte-level symbol -> byte, when needed
         ids = [hf.token_to_id(t) for t in SPECIAL_TOKENS]
         if any(i is None for i in ids):
             raise UserError(
@@ -146,6 +147,16 @@ class Tokenizer:
             out[i] = len(token) if self.kind == "bpe" else len(token.encode("utf-8"))
         return out
 
+    def bytes_of(self, i: int) -> bytes:
+        """The exact bytes token `i` stands for, also when that is part of a character (a
+        byte-level token); a special token's are its name's."""
+        token = self._hf.id_to_token(i)
+        if self.kind == "bpe" and i not in (self.eot_id, self.pad_id):
+            if self._from_symbol is None:
+                self._from_symbol = {c: b for b, c in byte_level_table().items()}
+            return bytes(self._from_symbol[c] for c in token)
+        return token.encode("utf-8")
+
     def _encode_chars(self, text: str) -> np.ndarray:
         # Same mapping as the HF WordLevel model in tokenizer.json (one id per code point),
         # done as one numpy gather: ~100x faster than HF's per-character pre-tokenizer.
@@ -169,6 +180,20 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size})"
+
+
+def byte_level_table() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (what byte-level BPE tokens are made of)."""
+    printable = (("!", "~"), ("¡", "¬"), ("®", "ÿ"))
+    bs = [b for lo, hi in printable for b in range(ord(lo), ord(hi) + 1)]
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
 
 
 # --- training --------------------------------------------------------------------------------
