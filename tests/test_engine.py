@@ -148,6 +148,18 @@ def test_a_failing_prefill_fails_only_its_own_request(model, tok):
     assert good.tokens == want and good.finish_reason in ("length", "stop")
 
 
+def test_penalties_match_generate(engine, model, tok):
+    """Presence and frequency penalties count each request's own generated tokens, as in
+    generate(), also while other requests share the batch."""
+    sampling = SamplingConfig(temperature=0, presence_penalty=0.5, frequency_penalty=1.5)
+    ids = [tok.encode(p) for p in ("Hello", "The quick brown", "abc")]
+    want = [[t for (t,) in generate(model, [i], 30, sampling, eot_id=tok.eot_id) if t != tok.eot_id]
+            for i in ids]
+    assert want[0] != reference_greedy(model, ids[0], 30, tok.eot_id)  # the penalties act
+    reqs, _ = collect(engine, ids, GenerationParams(max_tokens=30, sampling=sampling))
+    assert [r.tokens for r in reqs] == want
+
+
 def test_matches_generate_text(engine, model, tok):
     """The engine's text equals the CLI's generate_text (same sampling core, same stop rules)."""
     prompt = "The quick"

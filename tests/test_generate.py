@@ -98,8 +98,27 @@ def test_repetition_penalty_demotes_seen_tokens():
     assert out.item() == 1  # negative logits are multiplied, pushing them further down
 
 
+def test_presence_and_frequency_penalties_count_generated_tokens_only():
+    logits = torch.tensor([[2.0, 1.5, 1.0]])
+    generated = torch.tensor([[0, 0, 3]])  # token 0 twice, then padding (id V = 3)
+    freq = SamplingConfig(temperature=0, frequency_penalty=0.3)  # 2.0 - 2 x 0.3 < 1.5
+    assert sample_next_token(logits, freq, generated=generated).item() == 1
+    once = SamplingConfig(temperature=0, presence_penalty=0.3)  # 2.0 - 0.3 > 1.5: once, not twice
+    assert sample_next_token(logits, once, generated=generated).item() == 0
+    assert sample_next_token(logits, SamplingConfig(temperature=0, presence_penalty=0.6),
+                             generated=generated).item() == 1
+    # The prompt does not count (unlike the repetition penalty's history).
+    assert sample_next_token(logits, freq, history=torch.tensor([[0, 0]])).item() == 0
+    # In generate(): a greedy run that repeats itself repeats less with a frequency penalty.
+    model = tiny("gpt2", 50)
+    plain = run(model, [[1, 2, 3]], 40, SamplingConfig(temperature=0), True)[0]
+    penalised = run(model, [[1, 2, 3]], 40, SamplingConfig(temperature=0, frequency_penalty=2.0), True)[0]
+    assert len(set(penalised)) > len(set(plain))
+
+
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_k=0), dict(top_p=0), dict(top_p=1.5),
-                                 dict(min_p=2), dict(repetition_penalty=0)])
+                                 dict(min_p=2), dict(repetition_penalty=0), dict(presence_penalty=2.5),
+                                 dict(frequency_penalty=-3)])
 def test_invalid_sampling_is_user_error(bad):
     with pytest.raises(UserError):
         SamplingConfig(**bad)

@@ -114,6 +114,18 @@ def test_models_and_health(server, client):
     assert h["status"] == "ok" and h["model"] == "tiny-run" and h["context_length"] == CONTEXT
 
 
+def test_openai_penalties_equal_generate_text(client, run_dir):
+    from scratchlm.checkpoint import load_run
+
+    model, tok, _ = load_run(run_dir)
+    sampling = SamplingConfig(temperature=0, presence_penalty=0.4, frequency_penalty=1.2)
+    want = generate_text(model, tok, ["Hello"], 24, sampling)[0]
+    assert want.text != generate_text(model, tok, ["Hello"], 24, SamplingConfig(temperature=0))[0].text
+    r = client.completions.create(model="tiny-run", prompt="Hello", max_tokens=24, temperature=0,
+                                  presence_penalty=0.4, frequency_penalty=1.2)
+    assert r.choices[0].text == want.text
+
+
 def test_completion_equals_generate_text(client, run_dir):
     from scratchlm.checkpoint import load_run
 
@@ -196,6 +208,8 @@ def test_n_seed_and_stop(client):
     ({"prompt": "Hi", "logprobs": "3"}, "logprobs"),
     ({"max_tokens": 3}, "prompt"),
     ({"prompt": [[1, True]]}, "prompt"),  # JSON true is not token id 1
+    ({"prompt": "Hi", "presence_penalty": 2.5}, "presence_penalty"),
+    ({"prompt": "Hi", "frequency_penalty": "1"}, "frequency_penalty"),
     ({"prompt": "Hi", "stream_options": {"include_usage": True}}, "stream_options"),  # not streaming
     ({"prompt": "Hi", "stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options"),
 ])

@@ -192,10 +192,6 @@ def stop_list(data: dict) -> list[str]:
 
 def reject_unsupported(data: dict, chat: bool) -> None:
     """Fields we do not implement: refuse clearly rather than silently ignore."""
-    for name in ("presence_penalty", "frequency_penalty"):
-        if data.get(name) not in (None, 0, 0.0):
-            raise bad_request(f"'{name}' is not supported; use 'repetition_penalty' (> 1 discourages "
-                       "repeats)", name)
     if data.get("logit_bias"):
         raise bad_request("'logit_bias' is not supported", "logit_bias")
     if chat:

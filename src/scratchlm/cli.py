@@ -96,7 +96,8 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     from scratchlm.generate import SamplingConfig, check_fits, generate_text
 
     sampling = SamplingConfig(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                              min_p=a.min_p, repetition_penalty=a.repetition_penalty)
+                              min_p=a.min_p, repetition_penalty=a.repetition_penalty,
+                              presence_penalty=a.presence_penalty, frequency_penalty=a.frequency_penalty)
     model, tokenizer, _ = load_run(a.run_dir)
     stream = not a.json and len(a.prompt) == 1
 
@@ -245,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-p", type=float)
     s.add_argument("--min-p", type=float)
     s.add_argument("--repetition-penalty", type=float, default=1.0)
+    s.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's, -2 to 2")
+    s.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's, -2 to 2")
     s.add_argument("--stop", action="append", default=[], metavar="STR")
     s.add_argument("--seed", type=int)
     s.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step")

@@ -466,14 +466,16 @@ class Engine:
         groups: dict[tuple, list[int]] = {}
         for i, req in enumerate(reqs):
             cfg = req.params.sampling
-            if req.generator is None and cfg.repetition_penalty == 1.0:
+            if req.generator is None and not cfg.penalised:
                 key = (cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p) if not cfg.greedy else (0,)
                 groups.setdefault(key, []).append(i)
                 continue
-            history = None
+            history = generated = None
             if cfg.repetition_penalty != 1.0:
                 history = torch.tensor([req.prompt + req.tokens], device=logits.device)  # (1, L)
-            out[i] = int(sample_next_token(logits[i : i + 1], cfg, req.generator, history)[0])
+            if (cfg.presence_penalty or cfg.frequency_penalty) and req.tokens:
+                generated = torch.tensor([req.tokens], device=logits.device)  # (1, G)
+            out[i] = int(sample_next_token(logits[i : i + 1], cfg, req.generator, history, generated)[0])
         for rows in groups.values():
             cfg = reqs[rows[0]].params.sampling
             sub = logits if len(rows) == len(reqs) else logits[rows]

@@ -5,8 +5,9 @@ token-id prompts and streams new ids step by step (with the KV cache by default)
 `generate_text()` adds the tokenizer: stop strings, streaming text and timing. The CLI
 (`scratchlm generate`), the server's engine and in-training samples all use these.
 
-Sampling order, the same everywhere (and the same as Hugging Face's):
-repetition penalty -> temperature (0 = greedy) -> top-k -> top-p -> min-p -> sample.
+Sampling order, the same everywhere (Hugging Face's, with OpenAI's penalties beside CTRL's as
+vLLM applies them): repetition penalty -> presence and frequency penalties -> temperature
+(0 = greedy) -> top-k -> top-p -> min-p -> sample.
 """
 
 from __future__ import annotations
@@ -40,7 +41,11 @@ class SamplingConfig:
     min_p: float | None = None
     """Drop tokens whose probability is below min_p times the most likely token's."""
     repetition_penalty: float = 1.0
-    """> 1 discourages tokens already present in the sequence (CTRL-style)."""
+    """> 1 discourages tokens already present in the sequence, prompt included (CTRL-style)."""
+    presence_penalty: float = 0.0
+    """Subtracted from the logit of every token generated so far (OpenAI's; -2 to 2)."""
+    frequency_penalty: float = 0.0
+    """Subtracted from a token's logit once per time it was generated so far (OpenAI's; -2 to 2)."""
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -53,6 +58,14 @@ class SamplingConfig:
             raise UserError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.repetition_penalty <= 0:
             raise UserError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise UserError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+
+    @property
+    def penalised(self) -> bool:
+        """Sampling depends on the sequence so far (each row needs its own history)."""
+        return self.repetition_penalty != 1.0 or bool(self.presence_penalty or self.frequency_penalty)
 
     @property
     def greedy(self) -> bool:
@@ -65,14 +78,22 @@ def sample_next_token(
     cfg: SamplingConfig,
     generator: torch.Generator | None = None,
     history: torch.Tensor | None = None,
+    generated: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """logits: (B, V) -> next token ids (B,). history: (B, L) ids already in each sequence,
-    used by the repetition penalty."""
+    """logits: (B, V) -> next token ids (B,). history: (B, L) ids already in each sequence
+    (prompt included), for the repetition penalty; generated: (B, G) ids each row generated so
+    far, padded with V, for the presence and frequency penalties."""
     logits = logits.float()
     if cfg.repetition_penalty != 1.0 and history is not None and history.numel():
         seen = logits.gather(1, history)
         seen = torch.where(seen > 0, seen / cfg.repetition_penalty, seen * cfg.repetition_penalty)
         logits = logits.scatter(1, history, seen)
+    if (cfg.presence_penalty or cfg.frequency_penalty) and generated is not None and generated.numel():
+        B, V = logits.shape
+        counts = torch.zeros(B, V + 1, device=logits.device)  # the last column takes the padding
+        counts.scatter_add_(1, generated, torch.ones(generated.shape, device=logits.device))
+        counts = counts[:, :V]
+        logits = logits - cfg.frequency_penalty * counts - cfg.presence_penalty * (counts > 0).float()
     if cfg.greedy:
         return logits.argmax(dim=-1)
     # A tiny penalty or temperature can push logits to +-inf, and inf - inf is NaN in softmax:
@@ -146,7 +167,11 @@ def generate(
         last_logits = _full_forward_last(model, seqs, device)
     for _ in range(max_new_tokens):
         history = _history(seqs, device) if sampling.repetition_penalty != 1.0 else None
-        nxt = sample_next_token(last_logits, sampling, generator, history).tolist()
+        generated = None
+        if sampling.presence_penalty or sampling.frequency_penalty:
+            new = [s[len(p):] for s, p in zip(seqs, prompts)]
+            generated = padded_batch(new, device, pad=last_logits.shape[-1]) if any(new) else None
+        nxt = sample_next_token(last_logits, sampling, generator, history, generated).tolist()
         out: list[int | None] = []
         for b in range(B):
             if done[b]:

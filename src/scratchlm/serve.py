@@ -170,6 +170,8 @@ class _Server:
         top_k = number_param(data, "top_k", None, -1, self.tokenizer.vocab_size, integer=True)
         min_p = number_param(data, "min_p", None, 0.0, 1.0)
         rep = number_param(data, "repetition_penalty", 1.0, 0.0, 10.0, lo_open=True)
+        presence = number_param(data, "presence_penalty", 0.0, -2.0, 2.0)
+        frequency = number_param(data, "frequency_penalty", 0.0, -2.0, 2.0)
         n = number_param(data, "n", 1, 1, self.engine.max_batch, integer=True)
         seed = number_param(data, "seed", None, -(2**63), 2**63 - 1, integer=True)
         stream = data.get("stream", False) or False
@@ -189,7 +191,8 @@ class _Server:
                 raise bad_request(f"'{name}' must be true or false", name)
         sampling = SamplingConfig(temperature=float(temperature),
                                   top_k=top_k if top_k and top_k > 0 else None,  # 0 or -1: off
-                                  top_p=top_p, min_p=min_p, repetition_penalty=float(rep))
+                                  top_p=top_p, min_p=min_p, repetition_penalty=float(rep),
+                                  presence_penalty=float(presence), frequency_penalty=float(frequency))
         stop = stop_list(data) + extra_stop
         params, expanded, texts = [], [], []
         for p, text in zip(prompts, prompt_texts):
