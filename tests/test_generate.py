@@ -98,6 +98,16 @@ def test_repetition_penalty_demotes_seen_tokens():
     assert out.item() == 1  # negative logits are multiplied, pushing them further down
 
 
+def test_logit_bias_bans_and_forces_tokens():
+    logits = torch.tensor([[2.0, 1.9, -1.0], [0.0, 3.0, 1.0]])
+    ban = SamplingConfig(temperature=0, logit_bias=((1, -100.0),))
+    assert sample_next_token(logits, ban).tolist() == [0, 2]
+    force = SamplingConfig(temperature=1.0, logit_bias=((2, 100.0),))
+    assert sample_next_token(logits, force, torch.Generator().manual_seed(0)).tolist() == [2, 2]
+    with pytest.raises(UserError, match="logit_bias"):
+        SamplingConfig(logit_bias=((1, 101.0),))
+
+
 def test_presence_and_frequency_penalties_count_generated_tokens_only():
     logits = torch.tensor([[2.0, 1.5, 1.0]])
     generated = torch.tensor([[0, 0, 3]])  # token 0 twice, then padding (id V = 3)

@@ -126,6 +126,22 @@ def test_openai_penalties_equal_generate_text(client, run_dir):
     assert r.choices[0].text == want.text
 
 
+def test_logit_bias_bans_a_token(client, run_dir):
+    """Banning the token greedy decoding picks first changes the text, exactly as the same
+    bias does in generate_text; the banned token never appears."""
+    from scratchlm.checkpoint import load_run
+
+    model, tok, _ = load_run(run_dir)
+    plain = generate_text(model, tok, ["Hello"], 24, SamplingConfig(temperature=0))[0]
+    banned = plain.tokens[0]
+    sampling = SamplingConfig(temperature=0, logit_bias=((banned, -100.0),))
+    want = generate_text(model, tok, ["Hello"], 24, sampling)[0]
+    r = client.completions.create(model="tiny-run", prompt="Hello", max_tokens=24, temperature=0,
+                                  logit_bias={str(banned): -100})
+    assert r.choices[0].text == want.text != plain.text
+    assert tok.decode([banned]) not in r.choices[0].text
+
+
 def test_completion_equals_generate_text(client, run_dir):
     from scratchlm.checkpoint import load_run
 
@@ -209,6 +225,10 @@ def test_n_seed_and_stop(client):
     ({"max_tokens": 3}, "prompt"),
     ({"prompt": [[1, True]]}, "prompt"),  # JSON true is not token id 1
     ({"prompt": "Hi", "presence_penalty": 2.5}, "presence_penalty"),
+    ({"prompt": "Hi", "logit_bias": {"abc": 1}}, "logit_bias"),
+    ({"prompt": "Hi", "logit_bias": {"1": 101}}, "logit_bias"),
+    ({"prompt": "Hi", "logit_bias": {"100000": 1}}, "logit_bias"),
+    ({"prompt": "Hi", "logit_bias": [1, 2]}, "logit_bias"),
     ({"prompt": "Hi", "frequency_penalty": "1"}, "frequency_penalty"),
     ({"prompt": "Hi", "stream_options": {"include_usage": True}}, "stream_options"),  # not streaming
     ({"prompt": "Hi", "stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options"),

@@ -177,6 +177,22 @@ def number_param(data: dict, name: str, default, lo: float, hi: float, integer: 
     return value
 
 
+def logit_bias_param(data: dict, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's `logit_bias`: {"token id": bias in [-100, 100]} -> sorted (id, bias) pairs."""
+    raw = data.get("logit_bias")
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict):
+        raise bad_request("'logit_bias' must be an object of {\"token id\": bias}", "logit_bias")
+    out = {}
+    for key, bias in raw.items():
+        tok = int(key) if isinstance(key, str) and key.isdigit() else -1
+        if not 0 <= tok < vocab_size:
+            raise bad_request(f"'logit_bias' key {key!r} is not a token id in [0, {vocab_size})", "logit_bias")
+        out[tok] = number_param({"logit_bias": bias}, "logit_bias", 0.0, -100.0, 100.0)
+    return tuple(sorted((tok, float(b)) for tok, b in out.items()))
+
+
 def stop_list(data: dict) -> list[str]:
     stop = data.get("stop")
     if stop is None:
@@ -192,8 +208,6 @@ def stop_list(data: dict) -> list[str]:
 
 def reject_unsupported(data: dict, chat: bool) -> None:
     """Fields we do not implement: refuse clearly rather than silently ignore."""
-    if data.get("logit_bias"):
-        raise bad_request("'logit_bias' is not supported", "logit_bias")
     if chat:
         for name in ("tools", "functions", "tool_choice", "function_call"):
             if data.get(name):

@@ -467,7 +467,8 @@ class Engine:
         for i, req in enumerate(reqs):
             cfg = req.params.sampling
             if req.generator is None and not cfg.penalised:
-                key = (cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p) if not cfg.greedy else (0,)
+                key = (cfg.logit_bias,) + ((cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p)
+                                           if not cfg.greedy else (0,))
                 groups.setdefault(key, []).append(i)
                 continue
             history = generated = None

@@ -5,9 +5,9 @@ token-id prompts and streams new ids step by step (with the KV cache by default)
 `generate_text()` adds the tokenizer: stop strings, streaming text and timing. The CLI
 (`scratchlm generate`), the server's engine and in-training samples all use these.
 
-Sampling order, the same everywhere (Hugging Face's, with OpenAI's penalties beside CTRL's as
-vLLM applies them): repetition penalty -> presence and frequency penalties -> temperature
-(0 = greedy) -> top-k -> top-p -> min-p -> sample.
+Sampling order, the same everywhere (Hugging Face's, with OpenAI's logit bias and penalties
+where vLLM applies them): logit bias -> repetition penalty -> presence and frequency penalties
+-> temperature (0 = greedy) -> top-k -> top-p -> min-p -> sample.
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ class SamplingConfig:
     """Subtracted from the logit of every token generated so far (OpenAI's; -2 to 2)."""
     frequency_penalty: float = 0.0
     """Subtracted from a token's logit once per time it was generated so far (OpenAI's; -2 to 2)."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias) pairs added to the logits first (OpenAI's; -100 bans, 100 forces)."""
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -61,6 +63,9 @@ class SamplingConfig:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise UserError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        for tok, bias in self.logit_bias:
+            if tok < 0 or not -100 <= bias <= 100:
+                raise UserError(f"logit_bias needs token ids >= 0 and biases in [-100, 100], got {tok}: {bias}")
 
     @property
     def penalised(self) -> bool:
@@ -84,6 +89,10 @@ def sample_next_token(
     (prompt included), for the repetition penalty; generated: (B, G) ids each row generated so
     far, padded with V, for the presence and frequency penalties."""
     logits = logits.float()
+    if cfg.logit_bias:
+        ids, biases = zip(*cfg.logit_bias)
+        logits = logits.index_add(1, torch.tensor(ids, device=logits.device),
+                                  torch.tensor(biases, device=logits.device).expand(logits.shape[0], -1))
     if cfg.repetition_penalty != 1.0 and history is not None and history.numel():
         seen = logits.gather(1, history)
         seen = torch.where(seen > 0, seen / cfg.repetition_penalty, seen * cfg.repetition_penalty)

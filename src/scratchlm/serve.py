@@ -57,6 +57,7 @@ from scratchlm.api import (
     bad_request,
     chat_logprobs,
     completion_logprobs,
+    logit_bias_param,
     logprobs_param,
     number_param,
     reject_unsupported,
@@ -192,7 +193,8 @@ class _Server:
         sampling = SamplingConfig(temperature=float(temperature),
                                   top_k=top_k if top_k and top_k > 0 else None,  # 0 or -1: off
                                   top_p=top_p, min_p=min_p, repetition_penalty=float(rep),
-                                  presence_penalty=float(presence), frequency_penalty=float(frequency))
+                                  presence_penalty=float(presence), frequency_penalty=float(frequency),
+                                  logit_bias=logit_bias_param(data, self.tokenizer.vocab_size))
         stop = stop_list(data) + extra_stop
         params, expanded, texts = [], [], []
         for p, text in zip(prompts, prompt_texts):
