@@ -128,7 +128,9 @@ def test_presence_and_frequency_penalties_count_generated_tokens_only():
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_k=0), dict(top_p=0), dict(top_p=1.5),
                                  dict(min_p=2), dict(repetition_penalty=0), dict(presence_penalty=2.5),
-                                 dict(frequency_penalty=-3)])
+                                 dict(frequency_penalty=-3), dict(temperature=float("nan")),
+                                 dict(temperature=float("inf")), dict(repetition_penalty=float("nan")),
+                                 dict(top_p=float("nan")), dict(presence_penalty=float("nan"))])
 def test_invalid_sampling_is_user_error(bad):
     with pytest.raises(UserError):
         SamplingConfig(**bad)

@@ -229,6 +229,8 @@ def test_n_seed_and_stop(client):
     ({"prompt": "Hi", "logit_bias": {"1": 101}}, "logit_bias"),
     ({"prompt": "Hi", "logit_bias": {"100000": 1}}, "logit_bias"),
     ({"prompt": "Hi", "logit_bias": [1, 2]}, "logit_bias"),
+    ({"prompt": "Hi", "logit_bias": {"\u00b2": 1}}, "logit_bias"),  # a digit to isdigit(), not to int()
+    ({"prompt": "Hi", "logit_bias": {"9" * 5000: 1}}, "logit_bias"),
     ({"prompt": "Hi", "frequency_penalty": "1"}, "frequency_penalty"),
     ({"prompt": "Hi", "stream_options": {"include_usage": True}}, "stream_options"),  # not streaming
     ({"prompt": "Hi", "stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options"),

@@ -70,6 +70,8 @@ def test_token_bytes_join_into_the_text(bpe: Tokenizer, char: Tokenizer) -> None
     for s in CORPUS:
         assert b"".join(char.bytes_of(i) for i in char.encode(s)) == s.encode("utf-8")
     assert bpe.bytes_of(bpe.eot_id) == EOT.encode() and char.bytes_of(char.pad_id) == PAD.encode()
+    # A model may have more rows than its tokenizer has ids: those stand for no bytes.
+    assert bpe.bytes_of(bpe.vocab_size + 3) == b"" and char.bytes_of(char.vocab_size) == b""
 
 
 def test_bpe_encode_batch_matches_encode(bpe: Tokenizer) -> None:

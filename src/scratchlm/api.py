@@ -186,7 +186,8 @@ def logit_bias_param(data: dict, vocab_size: int) -> tuple[tuple[int, float], ..
         raise bad_request("'logit_bias' must be an object of {\"token id\": bias}", "logit_bias")
     out = {}
     for key, bias in raw.items():
-        tok = int(key) if isinstance(key, str) and key.isdigit() else -1
+        # isdigit() alone admits "²" and numbers too long for int(): ASCII, and short.
+        tok = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() and len(key) < 12 else -1
         if not 0 <= tok < vocab_size:
             raise bad_request(f"'logit_bias' key {key!r} is not a token id in [0, {vocab_size})", "logit_bias")
         out[tok] = number_param({"logit_bias": bias}, "logit_bias", 0.0, -100.0, 100.0)

@@ -12,6 +12,7 @@ where vLLM applies them): logit bias -> repetition penalty -> presence and frequ
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -50,7 +51,8 @@ class SamplingConfig:
     """(token id, bias) pairs added to the logits first (OpenAI's; -100 bans, 100 forces)."""
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
+        # Written as "not (in range)" so that NaN, which compares false with everything, fails.
+        if not 0 <= self.temperature < math.inf:
             raise UserError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
             raise UserError(f"top_k must be >= 1, got {self.top_k}")
@@ -58,7 +60,7 @@ class SamplingConfig:
             raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.min_p is not None and not 0 <= self.min_p <= 1:
             raise UserError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty <= 0:
+        if not 0 < self.repetition_penalty < math.inf:
             raise UserError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:

@@ -151,6 +151,8 @@ class Tokenizer:
         """The exact bytes token `i` stands for, also when that is part of a character (a
         byte-level token); a special token's are its name's."""
         token = self._hf.id_to_token(i)
+        if token is None:  # a model row beyond the tokenizer's ids (vocab_size rounded up)
+            return b""
         if self.kind == "bpe" and i not in (self.eot_id, self.pad_id):
             if self._from_symbol is None:
                 self._from_symbol = {c: b for b, c in byte_level_table().items()}
