@@ -60,16 +60,6 @@ from scratchlm.model import KVCache, Transformer
 
 log = logging.getLogger(__name__)
 
-def logprob_entries(lp: torch.Tensor, ids: list[int], k: int) -> list[Logprob]:
-    """lp: (N, V) log-probabilities, ids: the N tokens taken -> each one's logprob and the k
-    most likely (id, logprob) pairs at its position."""
-    chosen = lp.gather(1, torch.tensor(ids, dtype=torch.long, device=lp.device)[:, None])[:, 0].tolist()
-    k = min(k, lp.shape[-1])
-    if k == 0:
-        return [(c, []) for c in chosen]
-    values, indices = lp.topk(k, dim=-1)
-    return [(c, list(zip(i, v))) for c, i, v in zip(chosen, indices.tolist(), values.tolist())]
-
 
 PREFILL_TOKENS = 4096
 """At most this many (padded) prompt tokens go through one prefill pass; a longer prompt still
@@ -111,6 +101,17 @@ Logprob = tuple[float, list[tuple[int, float]]]
 """A token's log-probability under the model (log-softmax of its raw logits, before
 temperature or any filter, as vLLM reports by default), and the most likely (id, logprob)
 pairs at that position, most likely first."""
+
+
+def logprob_entries(lp: torch.Tensor, ids: list[int], k: int) -> list[Logprob]:
+    """lp: (N, V) log-probabilities, ids: the N tokens taken -> each one's logprob and the k
+    most likely (id, logprob) pairs at its position."""
+    chosen = lp.gather(1, torch.tensor(ids, dtype=torch.long, device=lp.device)[:, None])[:, 0].tolist()
+    k = min(k, lp.shape[-1])
+    if k == 0:
+        return [(c, []) for c in chosen]
+    values, indices = lp.topk(k, dim=-1)
+    return [(c, list(zip(i, v))) for c, i, v in zip(chosen, indices.tolist(), values.tolist())]
 
 
 @dataclass

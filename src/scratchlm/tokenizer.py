@@ -139,12 +139,9 @@ class Tokenizer:
     def token_bytes(self) -> np.ndarray:
         """UTF-8 bytes each id stands for (0 for special tokens), indexed by id: for bits per byte."""
         out = np.zeros(self.vocab_size, dtype=np.int64)
-        specials = {self.eot_id, self.pad_id}
-        for token, i in self._hf.get_vocab(with_added_tokens=True).items():
-            if i in specials:
-                continue
-            # A byte-level token is one alphabet symbol per byte; a char token is one character.
-            out[i] = len(token) if self.kind == "bpe" else len(token.encode("utf-8"))
+        for i in range(self.vocab_size):
+            if i not in (self.eot_id, self.pad_id):
+                out[i] = len(self.bytes_of(i))
         return out
 
     def bytes_of(self, i: int) -> bytes:
