@@ -1,8 +1,10 @@
 """Export to Hugging Face and GGUF, import from Hugging Face (scratchlm.export).
 
 Parity is checked against `transformers` itself (logits within 1e-4, greedy generations equal);
-GGUF files are read back with `gguf.GGUFReader`, and a small reference forward pass that follows
-llama.cpp's conventions (interleaved RoPE, ggml (out, in) weights) must reproduce our logits.
+GGUF files are read back with `gguf.GGUFReader`, a small reference forward pass that follows
+llama.cpp's conventions (interleaved RoPE, ggml (out, in) weights) must reproduce our logits, and
+llama.cpp itself (its Python binding, where installed) must load them, give our logits, greedy
+tokens and token ids, and quantize them.
 All models are random and tiny, made here; nothing is downloaded.
 """
 
@@ -316,6 +318,87 @@ def test_gguf_reads_back_with_llamacpp_names_and_reproduces_logits(variant, work
     # llama.cpp has only the tanh GELU: a model trained with the exact one runs slightly off.
     exact_gelu = mc.arch == "gpt2" and mc.gelu_approximate == "none"
     torch.testing.assert_close(theirs, mine[0], atol=2e-3 if exact_gelu else 1e-4, rtol=0)
+
+
+def _llama_cpp():
+    return pytest.importorskip(
+        "llama_cpp", reason="llama.cpp's Python binding is not installed (.ci/run builds it: "
+        "pip install llama-cpp-python, which needs cmake and a C++ compiler)")
+
+
+def _llama(llama_cpp, path: Path, n_ctx: int = 64):
+    # fp32 keys and values: llama.cpp caches them in fp16 by default (~1e-3 off in the logits).
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, n_threads=1,
+                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32,
+                           verbose=False)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_gguf_runs_in_llama_cpp(variant, work, runs):
+    """llama.cpp itself loads the file, computes our logits and decodes greedily as we do."""
+    llama_cpp = _llama_cpp()
+    path = export_gguf(runs[variant], work / f"run-in-llama-cpp-{variant}.gguf")
+    model, tok, cfg = load_run(runs[variant])
+    llm = _llama(llama_cpp, path)
+    ids = torch.randint(0, tok.vocab_size, (40,), generator=_gen(5)).tolist()
+    ids = [i for i in ids if i not in (tok.eot_id, tok.pad_id)]
+    llm.eval(ids)
+    theirs = torch.tensor(llm.scores[: len(ids)])
+    with torch.no_grad():
+        mine = model(torch.tensor([ids]))[0][0]
+    # ggml's CPU GELU (gpt2) reads an fp16 table, ~1e-3 off any exact GELU, tanh or erf.
+    tol = 5e-3 if cfg.model.arch == "gpt2" else 1e-4
+    torch.testing.assert_close(theirs, mine, atol=tol, rtol=0)
+
+    prompt = tok.encode("The quick brown")
+    ours = [s[0] for s in generate(model, [prompt], 24, SamplingConfig(temperature=0.0), eot_id=None)]
+    greedy = []
+    for t in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+        greedy.append(t)
+        if len(greedy) == len(ours):
+            break
+    assert greedy == ours
+
+
+@pytest.mark.parametrize("kind", ["bpe", "char"])
+def test_llama_cpp_tokenizes_with_the_embedded_vocabulary_as_we_do(kind, work, toks):
+    llama_cpp = _llama_cpp()
+    run = make_run(work, f"run-llama-cpp-tok-{kind}", toks[kind], arch="llama")
+    llm = _llama(llama_cpp, export_gguf(run, work / f"llama-cpp-tok-{kind}.gguf"))
+    tok = Tokenizer.load(toks[kind])
+    for text in TEXTS:  # special tokens' text in a prompt is plain text on both sides
+        ids = llm.tokenize(text.encode(), add_bos=False, special=False)
+        assert ids == tok.encode(text), text
+        assert llm.detokenize(ids).decode() == text
+
+
+def test_llama_cpp_runs_an_ascii_char_tokenizer_and_quantizes_our_file(work):
+    """The char tokenizer of `shakespeare-char` is ASCII-only (one inert merge, see above);
+    llama-quantize's Q8_0 of our file still computes about the same function."""
+    import ctypes
+
+    llama_cpp = _llama_cpp()
+    tok_path = work / "ascii-char-llama-cpp.json"
+    train_char(["To be, or not to be: that is the question.\n"]).save(tok_path)
+    run = make_run(work, "run-ascii-llama-cpp", tok_path, arch="gpt2")
+    path = export_gguf(run, work / "ascii-llama-cpp.gguf")
+    tok = Tokenizer.load(tok_path)
+    text = "to be, or not to be"
+    assert _llama(llama_cpp, path).tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text)
+
+    q8 = work / "ascii-llama-cpp-q8_0.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+    assert llama_cpp.llama_model_quantize(str(path).encode(), str(q8).encode(), ctypes.byref(params)) == 0
+    assert q8.stat().st_size < path.stat().st_size / 2
+    llm = _llama(llama_cpp, q8)
+    ids = tok.encode(text)
+    llm.eval(ids)
+    theirs = torch.tensor(llm.scores[: len(ids)])
+    model, _, _ = load_run(run)
+    with torch.no_grad():
+        mine = model(torch.tensor([ids]))[0][0]
+    assert torch.corrcoef(torch.stack([theirs.flatten(), mine.flatten()]))[0, 1] > 0.99
 
 
 def _bpe_apply(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
