@@ -50,11 +50,12 @@ ALPHABET = "".join(chr(c) for c in range(32, 127)) + "\n"
 PROMPT = "To be, or not to be, that is the question:"
 
 
-def build_run(out: Path, preset: str) -> Path:
+def build_run(out: Path, preset: str, **model_kw) -> Path:
+    """A run of the preset (model fields overridden by model_kw), character tokenizer."""
     tok = train_char([ALPHABET])
     tok.save(out / "tokenizer.json")
     cfg = load_run_config(preset)
-    cfg.model = dataclasses.replace(cfg.model, vocab_size=tok.vocab_size)
+    cfg.model = dataclasses.replace(cfg.model, vocab_size=tok.vocab_size, **model_kw)
     torch.manual_seed(0)
     run = out / f"bench-{preset}"
     write_run(run, Transformer(cfg.model), cfg, out / "tokenizer.json")

@@ -553,3 +553,117 @@ def test_engine_process_loses_no_request_that_finishes_at_once(run_dir, tok):
         assert sum(e.completion_tokens == 1 for e in ends) == n
     finally:
         child.stop()
+
+
+# --- the prefix cache ----------------------------------------------------------------------------
+
+
+def _turns(eng, prompts: list[list[int]], params: GenerationParams) -> list[tuple[Request, Event]]:
+    """One request after another (each finishes before the next starts, as chat turns do)."""
+    out = []
+    for p in prompts:
+        (req,), got = collect(eng, [p], params)
+        out.append((req, got[0][-1]))
+    return out
+
+
+def test_prefix_cache_reuses_finished_tokens_and_changes_no_output(model, tok):
+    """A chat's next turn (the whole conversation so far, then more), a retry, and a prompt
+    sharing only a start: each copies the keys and values of the tokens it shares with a
+    finished request and runs only the rest, and every output (tokens and log-probabilities)
+    is what the same engine without a prefix cache gives."""
+    params = GenerationParams(max_tokens=12, sampling=GREEDY, logprobs=2)
+    first = tok.encode("The quick brown fox")
+    cached = Engine(model, tok, max_batch=2).start()
+    plain = Engine(model, tok, max_batch=2, prefix_cache_bytes=0).start()
+    try:
+        ((req1, last1),) = _turns(cached, [first], params)
+        assert last1.cached_tokens == 0
+        turn2 = first + req1.tokens + tok.encode(" jumps over")
+        retry = list(first)
+        partial = first[:6] + tok.encode("lazy dog")
+        prompts = [turn2, retry, partial]
+        got = _turns(cached, prompts, params)
+        want = _turns(plain, [first] + prompts, params)[1:]
+        # Request 1's row held its prompt and its new tokens but the last (never fed back);
+        # turn 2's row then extends it, and a prompt reuses at most all but its last token.
+        ran1 = len(first) + len(req1.tokens) - 1
+        assert [ev.cached_tokens for _, ev in got] == [ran1, len(first) - 1, 6]
+        assert [ev.cached_tokens for _, ev in want] == [0, 0, 0]
+        for (req, ev), (ref, ref_ev) in zip(got, want):
+            assert req.tokens == ref.tokens and ev.finish_reason == ref_ev.finish_reason
+            _assert_logprobs_close(req.logprobs, ref.logprobs)
+        assert cached.cached_tokens_total == ran1 + len(first) - 1 + 6
+        assert cached.prompt_tokens_total == plain.prompt_tokens_total
+        # Turn 2's entry starts with request 1's tokens, so it replaced it.
+        assert not any(torch.equal(e.tokens, torch.tensor((first + req1.tokens)[:ran1]))
+                       for e in cached.prefix_cache.entries)
+    finally:
+        cached.stop()
+        plain.stop()
+
+
+def _eventually(cond, timeout: float = 10.0) -> None:
+    """A finished request's row is stored right after its last event, on the engine thread."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_prefix_cache_stays_within_its_bytes(model, tok):
+    """Least recently used entries go first once the budget is reached."""
+    one_row = 2 * model.cfg.n_layer * model.cfg.n_kv_head * model.cfg.head_dim * 4  # bytes a token
+    eng = Engine(model, tok, max_batch=2, prefix_cache_bytes=45 * one_row).start()
+    try:
+        params = GenerationParams(max_tokens=4, sampling=GREEDY)
+        a, b = tok.encode("abcdefghijklmnop"), tok.encode("0123456789 01234")  # 16 + 3 tokens each
+        _turns(eng, [a, b], params)
+        pc = eng.prefix_cache
+        _eventually(lambda: len(pc.entries) == 2)
+        assert pc.nbytes == 2 * 19 * one_row
+        _turns(eng, [tok.encode("Hello, World! The qu")], params)  # 20 + 3: a must go
+        _eventually(lambda: [e.tokens[:3].tolist() for e in pc.entries] == [b[:3], tok.encode("Hel")])
+        assert pc.nbytes == (19 + 23) * one_row <= pc.max_bytes
+        (_, ev), = _turns(eng, [a], params)
+        assert ev.cached_tokens == 0
+    finally:
+        eng.stop()
+
+
+def test_a_cached_prefix_and_a_long_prompt_admitted_together(model, tok):
+    """A row that starts after a long cached prefix and a fresh long prompt, admitted in the
+    same step: one padded pass would run the short rest past the end of its cache row (and of
+    the position table), so they go in separate passes; both outputs are right."""
+    ctx = model.cfg.context_length  # 128
+    long_prefix = tok.encode((TEXT * 2)[:100])
+    eng = Engine(model, tok, max_batch=3).start()
+    try:
+        _turns(eng, [long_prefix], GenerationParams(max_tokens=2, sampling=GREEDY))
+        extend = long_prefix + tok.encode("abc")
+        fresh = tok.encode((TEXT * 2)[3:63])
+        assert 100 + len(fresh) > ctx
+        reqs, got = collect(eng, [extend, fresh], GenerationParams(max_tokens=8, sampling=GREEDY))
+        assert got[0][-1].cached_tokens == 100 and got[1][-1].cached_tokens == 0
+        for req, prompt in zip(reqs, [extend, fresh]):
+            assert req.finish_reason == "length"
+            assert req.tokens == reference_greedy(model, prompt, 8, tok.eot_id)
+    finally:
+        eng.stop()
+
+
+def test_prompt_logprobs_never_come_from_the_prefix_cache(model, tok):
+    """Scoring a prompt needs the logits at every position, so it runs whole."""
+    eng = Engine(model, tok, max_batch=2).start()
+    try:
+        prompt = tok.encode("The quick brown fox")
+        _turns(eng, [prompt], GenerationParams(max_tokens=3, sampling=GREEDY))
+        params = GenerationParams(max_tokens=1, sampling=GREEDY, logprobs=1, prompt_logprobs=True)
+        ((req, ev),) = _turns(eng, [prompt], params)
+        assert ev.cached_tokens == 0
+        with torch.no_grad():
+            lp = model(torch.tensor([prompt]))[0][0].log_softmax(-1)
+        assert [e[0] for e in req.prompt_logprobs[1:]] == pytest.approx(
+            [lp[t - 1, prompt[t]].item() for t in range(1, len(prompt))], abs=1e-5)
+    finally:
+        eng.stop()

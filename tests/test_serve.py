@@ -176,6 +176,43 @@ def test_chat_non_streaming_and_streaming(client):
     assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
 
 
+def test_a_chats_next_turn_reuses_the_first_from_the_prefix_cache(server, client, run_dir):
+    """The next turn of a chat resends the whole conversation: the tokens the first turn ran
+    come from the prefix cache (OpenAI's usage.prompt_tokens_details.cached_tokens), and the
+    reply is still what the model gives that prompt from scratch."""
+    from scratchlm.checkpoint import load_run
+
+    model, tok, _ = load_run(run_dir)
+    before = _metric(server, "scratchlm_prompt_tokens_cached_total")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Foxes?"}]
+    r1 = client.chat.completions.create(model="tiny-run", messages=messages, max_tokens=16, temperature=0)
+    messages += [{"role": "assistant", "content": r1.choices[0].message.content},
+                 {"role": "user", "content": "And dogs?"}]
+    prompt = render_chat(messages)
+    r2 = client.completions.create(model="tiny-run", prompt=prompt, max_tokens=16, temperature=0)
+    cached = r2.usage.prompt_tokens_details.cached_tokens
+    assert len(render_chat(messages[:2])) <= cached < len(prompt)
+    want = generate_text(model, tok, [prompt], 16, SamplingConfig(temperature=0))[0]
+    assert r2.choices[0].text == want.text
+    chunks = list(client.completions.create(model="tiny-run", prompt=prompt, max_tokens=16, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want.text
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == len(prompt) - 1  # all but the last
+    total = r1.usage.prompt_tokens_details.cached_tokens + cached + len(prompt) - 1
+    assert _metric(server, "scratchlm_prompt_tokens_cached_total") - before == total
+
+
+def test_prefix_cache_size_option(run_dir):
+    from scratchlm.errors import UserError
+
+    for bad in (-1, float("nan"), float("inf")):
+        with pytest.raises(UserError, match="--prefix-cache-mb"):
+            create_app(run_dir, prefix_cache_mb=bad, engine="thread")
+    assert create_app(run_dir, prefix_cache_mb=0, engine="thread").state.server.engine.prefix_cache is None
+    pc = create_app(run_dir, prefix_cache_mb=1.5, engine="thread").state.server.engine.prefix_cache
+    assert pc.max_bytes == 1.5 * 2**20
+
+
 def test_chat_template():
     assert render_chat([{"role": "user", "content": "Hi"}]) == "User: Hi\nAssistant:"
     assert CHAT_STOP == "\nUser:"

@@ -117,7 +117,10 @@ class Metrics:
         for (endpoint, status), n in sorted(self.requests.items()):
             out.append(f'scratchlm_requests_total{{endpoint="{endpoint}",status="{status}"}} {n}')
         for name, kind, help, value in (
-            ("scratchlm_prompt_tokens_total", "counter", "Prompt tokens prefilled.", e.prompt_tokens_total),
+            ("scratchlm_prompt_tokens_total", "counter", "Prompt tokens of admitted requests.",
+             e.prompt_tokens_total),
+            ("scratchlm_prompt_tokens_cached_total", "counter",
+             "Prompt tokens whose keys and values came from the prefix cache.", e.cached_tokens_total),
             ("scratchlm_generation_tokens_total", "counter", "New tokens generated.",
              e.generation_tokens_total),
             ("scratchlm_decode_steps_total", "counter", "Batched decode steps run.", e.steps_total),

@@ -146,7 +146,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     from scratchlm.serve import serve
 
     serve(a.run_dir, host=a.host, port=a.port, max_batch=a.max_batch, api_key=a.api_key,
-          max_queue=a.max_queue)
+          max_queue=a.max_queue, prefix_cache_mb=a.prefix_cache_mb)
     return 0
 
 
@@ -288,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
     s.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
     s.add_argument("--api-key", help="require Authorization: Bearer KEY")
+    s.add_argument("--prefix-cache-mb", type=float, default=None, metavar="MB",
+                   help="memory for finished requests' keys and values, reused by prompts that "
+                        "start with the same tokens (default: as much as the KV cache; 0: off)")
     s.set_defaults(func=_cmd_serve)
 
     s = sub.add_parser("export", help="export a run to Hugging Face or GGUF")

@@ -9,10 +9,12 @@ Driven by `scratchlm serve RUN_DIR` (through `scratchlm.serve`); usable on its o
 The cache has `max_batch` rows ("slots"). Each row keeps its own position (`KVCache.pos`), so
 rows advance independently. One background thread runs the loop, step by step:
 
-1. drop finished and cancelled requests: their slots become free at once, and the rows that
-   stay move down (keys, values and position copied) so the running rows are 0..n-1;
-2. admit waiting requests into free slots: reset their rows, *prefill* the prompts into them
-   (those admitted together in one padded pass, `rows=slots`) and sample each first token;
+1. drop finished and cancelled requests: the `PrefixCache` keeps a copy of the keys and
+   values of the tokens each one ran, their slots become free at once, and the rows that stay
+   move down (keys, values and position copied) so the running rows are 0..n-1;
+2. admit waiting requests into free slots: reset their rows, copy in the longest start of
+   each prompt that the prefix cache holds, *prefill* the rest of the prompts (those admitted
+   together in one padded pass, `rows=slots`) and sample each first token;
 3. *decode* one token for every running request together: one forward pass of shape (n, 1)
    over cache rows 0..n-1 (read through views, no gather); each row attends only to its own
    positions, and stale keys of a reused row are masked out by position.
@@ -135,6 +137,8 @@ class Event:
     prompt_logprobs: list[Logprob | None] | None = None
     """With `GenerationParams.prompt_logprobs`, in the first event: one entry per prompt token
     (None for the first, which has nothing before it)."""
+    cached_tokens: int = 0
+    """In the last event: how many of the prompt's tokens came from the prefix cache."""
 
 
 @dataclass
@@ -171,6 +175,9 @@ class Request:
         self.logprobs: list[Logprob] = []  # one per token (and a last end-of-text), when asked for
         self.prompt_logprobs: list[Logprob | None] | None = None
         self.prompt_sent = False  # prompt_logprobs went out with an event
+        self.prefix: _Prefix | None = None  # the prefix cache's entry this prompt starts with
+        self.cached = 0  # prompt tokens whose keys and values came from it
+        self.prefilled = False  # its cache row holds its tokens (else: stale, never stored)
         self.sent = 0  # of `tokens`, how many earlier events carried
         self.held: list[int] = []  # ids whose text is not yet a whole character
         self.text = ""  # decoded new text (stop string cut off once found)
@@ -205,6 +212,86 @@ def _new_requests(prompts: Sequence[list[int]], params: GenerationParams | Seque
     return [Request(list(p), gp, sink, i) for i, (p, gp) in enumerate(zip(prompts, params))]
 
 
+@dataclass(eq=False)  # entries are found by identity (their tensors do not compare as bools)
+class _Prefix:
+    tokens: torch.Tensor  # (n,) the ids whose keys and values these are
+    k: list[torch.Tensor]  # per layer (nkv, n, hs)
+    v: list[torch.Tensor]
+    nbytes: int
+
+
+class PrefixCache:
+    """Keys and values of finished requests' tokens, kept after their slots are freed, so that
+    a prompt that starts with the same tokens copies them instead of computing them again: the
+    next turn of a chat (its prompt is the whole conversation so far), a shared system prompt or
+    few-shot context, a retried request. vLLM calls this automatic prefix caching.
+
+    An entry is one finished row: its tokens and, per layer, the keys and values of positions
+    0..n-1. Keys and values of a position depend only on the tokens up to it (attention is
+    causal), so the first m positions of an entry are what a prefill of any prompt that starts
+    with the same m tokens would compute. Entries are kept oldest-used first and dropped from
+    that end once they hold more than `max_bytes`; an entry whose tokens start another's (the
+    previous turn of the same chat) is dropped for it. Engine thread only.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.entries: list[_Prefix] = []  # least recently used first
+        self.nbytes = 0
+
+    def match(self, prompt: list[int]) -> tuple[_Prefix | None, int]:
+        """The entry sharing the longest start with `prompt`, and how many tokens it shares: at
+        most len(prompt) - 1, as the last prompt token must run to give the first new token."""
+        best, best_n = None, 0
+        if not self.entries or len(prompt) < 2:
+            return None, 0
+        ids = torch.tensor(prompt[:-1])
+        for e in self.entries:
+            m = min(len(e.tokens), len(ids))
+            if m <= best_n:
+                continue
+            diff = (e.tokens[:m] != ids[:m]).nonzero()
+            n = int(diff[0, 0]) if len(diff) else m
+            if n > best_n:
+                best, best_n = e, n
+        if best is not None:
+            self.entries.remove(best)
+            self.entries.append(best)
+        return best, best_n
+
+    def load(self, entry: _Prefix, n: int, cache: KVCache, row: int) -> None:
+        """Write the entry's first n positions into a cache row, which then holds n tokens."""
+        for ck, cv, k, v in zip(cache.k, cache.v, entry.k, entry.v):
+            ck[row, :, :n] = k[:, :n]
+            cv[row, :, :n] = v[:, :n]
+        cache.pos[row] = n
+
+    def store(self, tokens: list[int], cache: KVCache, row: int) -> None:
+        """Keep a cache row's keys and values for `tokens` (positions 0..len-1)."""
+        n = len(tokens)
+        ids = torch.tensor(tokens, dtype=torch.long)
+        for e in list(self.entries):
+            if len(e.tokens) >= n and torch.equal(e.tokens[:n], ids):
+                self.entries.remove(e)  # nothing new: an entry already starts with these
+                self.entries.append(e)  # tokens; it is the most recently used now
+                return
+            if torch.equal(e.tokens, ids[: len(e.tokens)]):
+                self._drop(e)  # this one extends it
+        k = [ck[row, :, :n].clone() for ck in cache.k]
+        v = [cv[row, :, :n].clone() for cv in cache.v]
+        entry = _Prefix(ids, k, v, sum(t.numel() * t.element_size() for t in k + v))
+        if entry.nbytes > self.max_bytes:
+            return
+        while self.entries and self.nbytes + entry.nbytes > self.max_bytes:
+            self._drop(self.entries[0])
+        self.entries.append(entry)
+        self.nbytes += entry.nbytes
+
+    def _drop(self, entry: _Prefix) -> None:
+        self.entries.remove(entry)
+        self.nbytes -= entry.nbytes
+
+
 class Engine:
     """Continuous batching over `max_batch` slots of one KV cache, run by one thread.
 
@@ -213,9 +300,12 @@ class Engine:
         tokenizer: anything with `encode`, `decode` and `eot_id`.
         max_batch: slots, i.e. sequences decoded together.
         max_queue: requests that may wait for a slot; beyond that `submit` raises `QueueFull`.
+        prefix_cache_bytes: memory for the `PrefixCache` of finished requests' keys and values;
+            None: as much as the KV cache itself, 0: no prefix cache.
     """
 
-    def __init__(self, model: Transformer, tokenizer, max_batch: int = 8, max_queue: int = 64) -> None:
+    def __init__(self, model: Transformer, tokenizer, max_batch: int = 8, max_queue: int = 64,
+                 prefix_cache_bytes: int | None = None) -> None:
         _check_slots(max_batch, max_queue)
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -226,6 +316,9 @@ class Engine:
         param = next(model.parameters())
         self.device = param.device
         self.cache = KVCache(model.cfg, max_batch, device=self.device, dtype=param.dtype)
+        if prefix_cache_bytes is None:
+            prefix_cache_bytes = sum(t.numel() * t.element_size() for t in self.cache.k + self.cache.v)
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self._lock = threading.Condition()
         self._waiting: deque[Request] = deque()
         self._active: list[Request] = []  # _active[i].slot == i: the running rows are 0..n-1
@@ -235,6 +328,7 @@ class Engine:
         self._pieces: dict[int, str | None] = {}  # token id -> its text (None: partial UTF-8)
         # Counters for /metrics (written by the engine thread only).
         self.prompt_tokens_total = 0
+        self.cached_tokens_total = 0
         self.generation_tokens_total = 0
         self.steps_total = 0
         self.on_step: Callable[[], None] | None = None
@@ -379,6 +473,7 @@ class Engine:
             if req.cancelled or req.done:
                 if not req.done:
                     self._finish(req, "cancelled")
+                self._keep_prefix(req)
             else:
                 keep.append(req)
         if len(keep) == len(self._active):
@@ -394,16 +489,32 @@ class Engine:
                 req.slot = i
         self._active = keep
 
+    def _keep_prefix(self, req: Request) -> None:
+        """Offer a leaving request's row to the prefix cache: the tokens it ran through the
+        model (its prompt and all its new tokens but the last, which was never fed back)."""
+        if self.prefix_cache is None or not req.prefilled or req.finish_reason == "error":
+            return
+        n = int(self.cache.pos[req.slot])
+        tokens = (req.prompt + req.tokens)[:n]
+        if len(tokens) == n:
+            self.prefix_cache.store(tokens, self.cache, req.slot)
+
     def _prefill(self, reqs: list[Request]) -> None:
         """Run newly admitted prompts into their own cache rows and take each one's first
-        token. Prompts that arrive together share forward passes (shorter ones padded, see
-        `Transformer.forward`): on the 2-core CPU 8 prompts of 42 tokens took 4.8 ms in one
-        pass against 12.5 ms one by one, and every one of them waits for the last."""
+        token. A prompt that starts with tokens the prefix cache holds copies their keys and
+        values and runs only the rest. Prompts that arrive together share forward passes
+        (shorter ones padded, see `Transformer.forward`): on the 2-core CPU 8 prompts of 42
+        tokens took 4.8 ms in one pass against 12.5 ms one by one, and every one of them waits
+        for the last."""
         chunks = [[req] for req in reqs if req.params.prompt_logprobs]  # logits everywhere: alone
-        reqs = sorted((r for r in reqs if not r.params.prompt_logprobs), key=lambda r: len(r.prompt))
-        while reqs:  # sorted by length: similar lengths together, less padding
-            n = 1  # the longest of a sorted chunk is its last: grow while the padded size fits
-            while n < len(reqs) and (n + 1) * len(reqs[n].prompt) <= PREFILL_TOKENS:
+        reqs = [r for r in reqs if not r.params.prompt_logprobs]
+        if self.prefix_cache is not None:
+            for req in reqs:
+                req.prefix, req.cached = self.prefix_cache.match(req.prompt)
+        reqs.sort(key=lambda r: len(r.prompt) - r.cached)
+        while reqs:  # sorted by what is left to run: similar lengths together, less padding
+            n = 1  # the longest of a sorted chunk is its last: grow while the padded pass fits
+            while n < len(reqs) and self._fits(reqs[: n + 1]):
                 n += 1
             chunks.append(reqs[:n])
             reqs = reqs[n:]
@@ -417,15 +528,29 @@ class Engine:
                 for req in chunk:
                     self._finish(req, "error", error=f"internal error: {type(e).__name__}: {e}")
 
+    def _fits(self, chunk: list[Request]) -> bool:
+        """A prefill pass of these rows (the longest last) stays within PREFILL_TOKENS padded
+        tokens and, padding included, within every row's cache (rows start where their cached
+        prefix ends)."""
+        T = len(chunk[-1].prompt) - chunk[-1].cached
+        return len(chunk) * T <= PREFILL_TOKENS and max(r.cached for r in chunk) + T <= self.cache.max_len
+
     def _prefill_chunk(self, chunk: list[Request]) -> None:
         rows = [req.slot for req in chunk]
         self.cache.reset(rows)
-        lengths = [len(req.prompt) for req in chunk]
+        for req in chunk:
+            if req.cached:
+                self.prefix_cache.load(req.prefix, req.cached, self.cache, req.slot)
+            req.prefix = None
+        lengths = [len(req.prompt) - req.cached for req in chunk]
         every = chunk[0].params.prompt_logprobs
-        logits, _ = self.model(padded_batch([req.prompt for req in chunk], self.device),
+        logits, _ = self.model(padded_batch([req.prompt[req.cached :] for req in chunk], self.device),
                                cache=self.cache, rows=torch.tensor(rows), last_only=not every,
                                lengths=lengths)  # (n, 1, V), or (1, T, V) for prompt logprobs
-        self.prompt_tokens_total += sum(lengths)
+        for req in chunk:
+            req.prefilled = True
+        self.prompt_tokens_total += sum(len(req.prompt) for req in chunk)
+        self.cached_tokens_total += sum(req.cached for req in chunk)
         if every:
             req = chunk[0]
             lp = logits[0, :-1].float().log_softmax(-1)  # position t predicts token t + 1
@@ -555,7 +680,7 @@ class Engine:
         delta = req.text[req.emitted :] if reason in ("stop", "length") else ""
         req.emitted = len(req.text)
         req.sink(Event(req.index, delta, reason, len(req.prompt), len(req.tokens), error,
-                       **self._new_output(req)))
+                       cached_tokens=req.cached, **self._new_output(req)))
 
     @staticmethod
     def _new_output(req: Request) -> dict:
@@ -693,20 +818,22 @@ class EngineProcess:
         parent -> child: ("submit", [(id, prompt, params), ...]) | ("cancel", id) | ("stop",)
         child -> parent: ("ready", threads) | ("failed", message) first, then
                          ("events", [(id, text, finish_reason, prompt_tokens,
-                          completion_tokens, error, ids, logprobs, prompt_logprobs), ...],
-                          (waiting, running,
-                          prompt tokens, generation tokens, steps))
+                          completion_tokens, error, ids, logprobs, prompt_logprobs,
+                          cached_tokens), ...],
+                          (waiting, running, prompt tokens, cached prompt tokens,
+                          generation tokens, steps))
 
     The child exits when the parent's end of the pipe closes, so it never outlives the server.
     """
 
     def __init__(self, run_dir: str | Path, max_batch: int = 8, max_queue: int = 64,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", prefix_cache_bytes: int | None = None) -> None:
         from scratchlm.checkpoint import read_run_config
 
         _check_slots(max_batch, max_queue)
         self.run_dir, self.device = str(run_dir), device
         self.max_batch, self.max_queue = max_batch, max_queue
+        self.prefix_cache_bytes = prefix_cache_bytes
         self.context_length = read_run_config(Path(run_dir))[0].model.context_length
         self.threads = ""  # the child's thread choice, known once it is ready
         self.process: subprocess.Popen | None = None
@@ -715,7 +842,8 @@ class EngineProcess:
         self._closed = False
         self._stopping = False
         self._reader: threading.Thread | None = None
-        self.prompt_tokens_total = self.generation_tokens_total = self.steps_total = 0
+        self.prompt_tokens_total = self.cached_tokens_total = 0
+        self.generation_tokens_total = self.steps_total = 0
         self._waiting = self._running = 0
 
     def start(self) -> EngineProcess:
@@ -732,7 +860,7 @@ class EngineProcess:
         code = ("import sys; from scratchlm.engine import _engine_process_main; "
                 "_engine_process_main(sys.argv[1:])")
         args = [self.run_dir, self.device, str(self.max_batch), str(self.max_queue),
-                str(cmd_r), str(res_w)]
+                str(cmd_r), str(res_w), str(self.prefix_cache_bytes)]
         try:
             self.process = subprocess.Popen([sys.executable, "-c", code, *args], env=env,
                                             pass_fds=(cmd_r, res_w), stdin=subprocess.DEVNULL)
@@ -832,10 +960,11 @@ class EngineProcess:
                 _, events, stats = pickle.loads(self._results.recv_bytes())
             except (EOFError, OSError):
                 break
-            self._waiting, self._running, self.prompt_tokens_total, \
+            self._waiting, self._running, self.prompt_tokens_total, self.cached_tokens_total, \
                 self.generation_tokens_total, self.steps_total = stats
             now = time.perf_counter()
-            for rid, text, reason, prompt_tokens, completion_tokens, error, ids, lps, prompt_lps in events:
+            for rid, text, reason, prompt_tokens, completion_tokens, error, ids, lps, prompt_lps, \
+                    cached in events:
                 req = self._reqs.get(rid)
                 if req is None:
                     continue
@@ -853,7 +982,7 @@ class EngineProcess:
                     with self._lock:
                         self._reqs.pop(rid, None)
                 req.sink(Event(req.index, text, reason, prompt_tokens, completion_tokens, error, ids,
-                               lps, prompt_lps))
+                               lps, prompt_lps, cached))
         with self._lock:
             unexpected = not self._stopping
             self._closed = True
@@ -873,11 +1002,12 @@ class EngineProcess:
 
 def _engine_process_main(argv: list[str]) -> None:
     """The child side of `EngineProcess` (argv: run_dir device max_batch max_queue fd_in
-    fd_out): load the run, run an `Engine`, relay its events."""
+    fd_out prefix_cache_bytes): load the run, run an `Engine`, relay its events."""
     from scratchlm.checkpoint import load_run
 
     run_dir, device = argv[0], argv[1]
     max_batch, max_queue, fd_in, fd_out = (int(a) for a in argv[2:6])
+    prefix_cache_bytes = None if argv[6] == "None" else int(argv[6])
     commands, results = Connection(fd_in, writable=False), Connection(fd_out, readable=False)
 
     # Ctrl-C reaches the whole process group; the parent decides when this process stops.
@@ -885,7 +1015,8 @@ def _engine_process_main(argv: list[str]) -> None:
     try:
         model, tokenizer, _ = load_run(run_dir, device=device)
         threads = pick_threads(model)
-        engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
+        engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue,
+                        prefix_cache_bytes=prefix_cache_bytes)
     except Exception as e:  # noqa: BLE001 - the parent shows it as a one-line error
         msg = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
         results.send_bytes(pickle.dumps(("failed", msg)))
@@ -951,7 +1082,7 @@ class _Relay:
             with self.lock:
                 self.outbox.append((rid, ev.text, ev.finish_reason, ev.prompt_tokens,
                                     ev.completion_tokens, ev.error, ev.ids, ev.logprobs,
-                                    ev.prompt_logprobs))
+                                    ev.prompt_logprobs, ev.cached_tokens))
                 if rid not in self.started or ev.finish_reason is not None:
                     self.urgent = True
                     self.started.add(rid)
@@ -968,8 +1099,8 @@ class _Relay:
             now = time.perf_counter()
             if not (force or self.urgent or now - self.last >= RELAY_INTERVAL):
                 return
-            stats = (e.queue_depth, e.running, e.prompt_tokens_total, e.generation_tokens_total,
-                     e.steps_total)
+            stats = (e.queue_depth, e.running, e.prompt_tokens_total, e.cached_tokens_total,
+                     e.generation_tokens_total, e.steps_total)
             if self.outbox or stats != self.sent_stats:
                 self.send(("events", self.outbox, stats))
                 self.outbox, self.sent_stats, self.last = [], stats, now

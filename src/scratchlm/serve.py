@@ -222,7 +222,8 @@ class _Server:
 
 def create_app(run_dir: str | Path, max_batch: int = 8, api_key: str | None = None,
                max_queue: int = 64, *, model_name: str | None = None, device: str = "cpu",
-               stream_interval: float | None = None, engine: str = "process") -> FastAPI:
+               stream_interval: float | None = None, engine: str = "process",
+               prefix_cache_mb: float | None = None) -> FastAPI:
     """Load RUN_DIR and build the app; the engine runs until the app's shutdown.
 
     Args:
@@ -236,6 +237,9 @@ def create_app(run_dir: str | Path, max_batch: int = 8, api_key: str | None = No
             (`EngineProcess`, which says why), started here so that a run that cannot load
             fails now; "thread": an `Engine` thread in this process, started with the app
             (tests reach its model through `app.state.server.engine.model`).
+        prefix_cache_mb: memory for finished requests' keys and values, which later prompts
+            that start with the same tokens reuse (`engine.PrefixCache`); None: as much as the
+            KV cache, 0: none.
 
     Example:
         >>> app = create_app("runs/demo/run")          # doctest: +SKIP
@@ -250,6 +254,9 @@ def create_app(run_dir: str | Path, max_batch: int = 8, api_key: str | None = No
         raise UserError(f"--max-batch must be >= 1, got {max_batch}")
     if max_queue < 0:
         raise UserError(f"--max-queue must be >= 0, got {max_queue}")
+    if prefix_cache_mb is not None and not 0 <= prefix_cache_mb < float("inf"):
+        raise UserError(f"--prefix-cache-mb must be a number >= 0, got {prefix_cache_mb}")
+    prefix_bytes = None if prefix_cache_mb is None else int(prefix_cache_mb * 2**20)
     if api_key is not None and not api_key.strip():
         raise UserError("--api-key is empty; give a key or leave the option out")
     run_dir = Path(run_dir)
@@ -262,11 +269,13 @@ def create_app(run_dir: str | Path, max_batch: int = 8, api_key: str | None = No
     if not 0 <= stream_interval <= 1:
         raise UserError(f"the stream interval must be in [0, 1] seconds, got {stream_interval}")
     if engine == "process":
-        eng: Engine | EngineProcess = EngineProcess(run_dir, max_batch, max_queue, device).start()
+        eng: Engine | EngineProcess = EngineProcess(run_dir, max_batch, max_queue, device,
+                                                    prefix_cache_bytes=prefix_bytes).start()
         tokenizer = Tokenizer.load(run_dir / "tokenizer.json")  # the child has checked the run
     else:
         model, tokenizer, _ = load_run(run_dir, device=device)
-        eng = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
+        eng = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue,
+                     prefix_cache_bytes=prefix_bytes)
     name = model_name or run_dir.resolve().name
     created = int((run_dir / "config.json").stat().st_mtime)
     srv = _Server(eng, tokenizer, name, api_key, created)
@@ -415,11 +424,11 @@ async def _complete(srv, request, stream: EventStream, parsed: ParsedRequest, ch
     texts, reasons = [""] * k, [None] * k
     ids: list[list[int]] = [[] for _ in range(k)]
     entries: list[list] = [[] for _ in range(k)]
-    prompt_tokens = completion_tokens = 0
+    prompt_tokens = completion_tokens = cached_tokens = 0
     error = None
 
     async def collect() -> None:
-        nonlocal prompt_tokens, completion_tokens, error
+        nonlocal prompt_tokens, completion_tokens, cached_tokens, error
         while not stream.finished:
             for ev in await stream.next_batch():
                 texts[ev.index] += ev.text
@@ -433,6 +442,7 @@ async def _complete(srv, request, stream: EventStream, parsed: ParsedRequest, ch
                     completion_tokens += ev.completion_tokens
                     if ev.index % parsed.n == 0:  # n copies of one prompt count it once
                         prompt_tokens += ev.prompt_tokens
+                        cached_tokens += ev.cached_tokens
                     error = error or ev.error
 
     collector = asyncio.ensure_future(collect())
@@ -451,8 +461,7 @@ async def _complete(srv, request, stream: EventStream, parsed: ParsedRequest, ch
     _finish_metrics(srv, stream, t0)
     if error:
         raise APIError(500, error, "server_error")
-    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-             "total_tokens": prompt_tokens + completion_tokens}
+    usage = _usage(prompt_tokens, completion_tokens, cached_tokens)
     choices = []
     for i in range(k):
         logprobs = None
@@ -470,6 +479,13 @@ async def _complete(srv, request, stream: EventStream, parsed: ParsedRequest, ch
                          "usage": usage})
 
 
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    """OpenAI's usage object; `cached_tokens`: prompt tokens the prefix cache served."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
 def _sse_line(obj: dict) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
 
@@ -483,7 +499,7 @@ async def _sse(srv: _Server, stream: EventStream, parsed: ParsedRequest, chat: b
             "created": created, "model": srv.model_name}
     started = [False] * k  # chat: leading whitespace of the reply is dropped until text starts
     offsets = [0] * k  # completions with logprobs: where the next token's text starts
-    prompt_tokens = completion_tokens = 0
+    prompt_tokens = completion_tokens = cached_tokens = 0
     # With echo and logprobs, the prompt's text waits for its log-probabilities (first event).
     echo_now = parsed.echo and parsed.logprobs is None
 
@@ -536,6 +552,7 @@ async def _sse(srv: _Server, stream: EventStream, parsed: ParsedRequest, chat: b
                     completion_tokens += ev.completion_tokens
                     if ev.index % parsed.n == 0:
                         prompt_tokens += ev.prompt_tokens
+                        cached_tokens += ev.cached_tokens
             out = []
             for i, (text, reason, ids, entries) in pieces.items():
                 if chat and not started[i]:
@@ -548,9 +565,8 @@ async def _sse(srv: _Server, stream: EventStream, parsed: ParsedRequest, chat: b
             if out:
                 yield b"".join(out)
         if parsed.include_usage:
-            yield _sse_line({**base, "choices": [], "usage": {
-                "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}})
+            yield _sse_line({**base, "choices": [],
+                             "usage": _usage(prompt_tokens, completion_tokens, cached_tokens)})
         yield b"data: [DONE]\n\n"
         _finish_metrics(srv, stream, t0)
     finally:
@@ -562,11 +578,12 @@ async def _sse(srv: _Server, stream: EventStream, parsed: ParsedRequest, chat: b
 # --- the command -----------------------------------------------------------------------------
 
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,
-          api_key: str | None = None, max_queue: int = 64) -> None:
+          api_key: str | None = None, max_queue: int = 64, prefix_cache_mb: float | None = None) -> None:
     """`scratchlm serve`: load the run and serve it until interrupted (Ctrl-C)."""
     sock = listen(host, port)  # first: a busy port fails before the model loads
     try:
-        app = create_app(run_dir, max_batch=max_batch, api_key=api_key, max_queue=max_queue)
+        app = create_app(run_dir, max_batch=max_batch, api_key=api_key, max_queue=max_queue,
+                         prefix_cache_mb=prefix_cache_mb)
     except BaseException:
         sock.close()
         raise
