@@ -620,10 +620,11 @@ def test_prefix_cache_stays_within_its_bytes(model, tok):
         a, b = tok.encode("abcdefghijklmnop"), tok.encode("0123456789 01234")  # 16 + 3 tokens each
         _turns(eng, [a, b], params)
         pc = eng.prefix_cache
-        _eventually(lambda: len(pc.entries) == 2)
-        assert pc.nbytes == 2 * 19 * one_row
+        # (Each prompt is kept once prefilled, and replaced by its whole row when it ends.)
+        _eventually(lambda: len(pc.entries) == 2 and pc.nbytes == 2 * 19 * one_row)
         _turns(eng, [tok.encode("Hello, World! The qu")], params)  # 20 + 3: a must go
-        _eventually(lambda: [e.tokens[:3].tolist() for e in pc.entries] == [b[:3], tok.encode("Hel")])
+        _eventually(lambda: [(e.tokens[:3].tolist(), len(e.tokens)) for e in pc.entries]
+                    == [(b[:3], 19), (tok.encode("Hel"), 23)])
         assert pc.nbytes == (19 + 23) * one_row <= pc.max_bytes
         (_, ev), = _turns(eng, [a], params)
         assert ev.cached_tokens == 0
@@ -667,3 +668,24 @@ def test_prompt_logprobs_never_come_from_the_prefix_cache(model, tok):
             [lp[t - 1, prompt[t]].item() for t in range(1, len(prompt))], abs=1e-5)
     finally:
         eng.stop()
+
+
+def test_prompts_that_arrive_together_with_a_common_start_share_it(model, tok):
+    """Continuations of one context, or `n` copies of one prompt, submitted at once: the first
+    is prefilled, the others wait one step and copy the tokens they share with it; every output
+    is what an engine without a prefix cache gives."""
+    context = tok.encode((TEXT * 2)[:70])
+    prompts = [context + tok.encode(x) for x in ("abc", "Hello", "xyz")] + [context] * 2
+    params = GenerationParams(max_tokens=10, sampling=GREEDY, logprobs=1)
+    cached = Engine(model, tok, max_batch=5).start()
+    plain = Engine(model, tok, max_batch=5, prefix_cache_bytes=0).start()
+    try:
+        reqs, got = collect(cached, prompts, params)
+        want, _ = collect(plain, prompts, params)
+        assert [got[i][-1].cached_tokens for i in range(5)] == [0, 70, 70, 69, 69]
+        for req, ref in zip(reqs, want):
+            assert req.tokens == ref.tokens
+            _assert_logprobs_close(req.logprobs, ref.logprobs)
+    finally:
+        cached.stop()
+        plain.stop()

@@ -63,6 +63,11 @@ from scratchlm.model import KVCache, Transformer
 log = logging.getLogger(__name__)
 
 
+SHARED_PREFIX_MIN = 32
+"""A waiting prompt that shares at least this many first tokens with one admitted in the same
+step waits one step more, to find them in the prefix cache (concurrent requests with a common
+context: `n` choices, an evaluation's answers to one question)."""
+
 PREFILL_TOKENS = 4096
 """At most this many (padded) prompt tokens go through one prefill pass; a longer prompt still
 goes, alone. Bounds the memory of a burst of long prompts."""
@@ -220,6 +225,13 @@ class _Prefix:
     nbytes: int
 
 
+def shared_start(a: torch.Tensor, b: torch.Tensor) -> int:
+    """How many first ids two 1-D id tensors have in common."""
+    m = min(len(a), len(b))
+    diff = (a[:m] != b[:m]).nonzero()
+    return int(diff[0, 0]) if len(diff) else m
+
+
 class PrefixCache:
     """Keys and values of finished requests' tokens, kept after their slots are freed, so that
     a prompt that starts with the same tokens copies them instead of computing them again: the
@@ -239,22 +251,18 @@ class PrefixCache:
         self.entries: list[_Prefix] = []  # least recently used first
         self.nbytes = 0
 
-    def match(self, prompt: list[int]) -> tuple[_Prefix | None, int]:
+    def match(self, prompt: list[int], touch: bool = True) -> tuple[_Prefix | None, int]:
         """The entry sharing the longest start with `prompt`, and how many tokens it shares: at
-        most len(prompt) - 1, as the last prompt token must run to give the first new token."""
+        most len(prompt) - 1, as the last prompt token must run to give the first new token.
+        `touch`: the entry becomes the most recently used."""
         best, best_n = None, 0
-        if not self.entries or len(prompt) < 2:
-            return None, 0
-        ids = torch.tensor(prompt[:-1])
+        ids = torch.tensor(prompt[:-1], dtype=torch.long)
         for e in self.entries:
-            m = min(len(e.tokens), len(ids))
-            if m <= best_n:
-                continue
-            diff = (e.tokens[:m] != ids[:m]).nonzero()
-            n = int(diff[0, 0]) if len(diff) else m
-            if n > best_n:
-                best, best_n = e, n
-        if best is not None:
+            if min(len(e.tokens), len(ids)) > best_n:
+                n = shared_start(e.tokens, ids)
+                if n > best_n:
+                    best, best_n = e, n
+        if best is not None and touch:
             self.entries.remove(best)
             self.entries.append(best)
         return best, best_n
@@ -443,6 +451,8 @@ class Engine:
                     self._drop_cancelled()
                     admitted = []
                     while self._waiting and len(self._active) < self.max_batch:
+                        if admitted and self._wait_for_shared_start(self._waiting[0], admitted):
+                            break
                         req = self._waiting.popleft()
                         req.slot = len(self._active)
                         self._active.append(req)
@@ -462,6 +472,18 @@ class Engine:
                         self._finish(req, "error", error=f"internal error: {type(e).__name__}: {e}")
                 if self.on_step is not None:
                     self.on_step()
+
+    def _wait_for_shared_start(self, req: Request, admitted: list[Request]) -> bool:
+        """Whether `req` should wait one step: it shares at least SHARED_PREFIX_MIN first tokens
+        with a prompt admitted in this step, more than the prefix cache holds for it. That
+        prompt's tokens are in the prefix cache once it is prefilled, so next step `req` copies
+        them instead of computing them again, alongside (concurrent requests with a common
+        context: `n` choices of one prompt, an evaluation's answers to one question)."""
+        if self.prefix_cache is None or req.params.prompt_logprobs or len(req.prompt) <= SHARED_PREFIX_MIN:
+            return False
+        ids = torch.tensor(req.prompt[:-1], dtype=torch.long)
+        shared = max(shared_start(torch.tensor(a.prompt, dtype=torch.long), ids) for a in admitted)
+        return shared >= SHARED_PREFIX_MIN and shared > self.prefix_cache.match(req.prompt, touch=False)[1]
 
     def _drop_cancelled(self) -> None:
         """Free the slots of cancelled and finished requests, then compact: the rows that stay
@@ -549,6 +571,8 @@ class Engine:
                                lengths=lengths)  # (n, 1, V), or (1, T, V) for prompt logprobs
         for req in chunk:
             req.prefilled = True
+            if self.prefix_cache is not None:  # for prompts that start alike, waiting a step
+                self.prefix_cache.store(req.prompt, self.cache, req.slot)
         self.prompt_tokens_total += sum(len(req.prompt) for req in chunk)
         self.cached_tokens_total += sum(req.cached for req in chunk)
         if every:
