@@ -57,10 +57,15 @@ def reference_greedy(model, ids: list[int], max_new: int, eot_id: int) -> list[i
     return [t for t in out if t != eot_id]
 
 
-def test_greedy_under_concurrency_equals_generate(engine, model, tok):
+@pytest.mark.parametrize("chunk", [512, 4], ids=["whole-prompts", "4-token-chunks"])
+def test_greedy_under_concurrency_equals_generate(engine, model, tok, monkeypatch, chunk):
     """Requests joining a running batch at different times, in reused rows, with different
     lengths: every output equals decoding that prompt alone. Wrong per-row positions (or a
-    stale row not masked) would change the tokens."""
+    stale row not masked) would change the tokens. With 4-token chunks the prompts are
+    prefilled over many steps while rows move and others decode."""
+    import scratchlm.engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "PREFILL_CHUNK", chunk)
     prompts = ["Hello", "T", "The quick brown fox jumps", "0123456789 0123", "lazy dog?", "abc",
                "World! The quick", "xyz"]
     max_new = [40, 7, 25, 60, 3, 33, 18, 50]
@@ -415,7 +420,8 @@ def test_engine_process_equals_the_engine_in_this_process(run_dir, engine, tok):
         want_reqs, want = collect(engine, prompts, params)
     finally:
         torch.set_num_threads(before)
-    child = EngineProcess(run_dir, max_batch=2, max_queue=4).start()  # 3 requests, 2 slots: one waits
+    # 3 requests, 2 slots: one waits (a prefix cache of a float number of bytes, as Engine takes)
+    child = EngineProcess(run_dir, max_batch=2, max_queue=4, prefix_cache_bytes=2.0**20).start()
     try:
         assert child.alive and "thread" in child.threads
         reqs, got = collect(child, prompts, params)
@@ -581,23 +587,22 @@ def test_prefix_cache_reuses_finished_tokens_and_changes_no_output(model, tok):
         assert last1.cached_tokens == 0
         turn2 = first + req1.tokens + tok.encode(" jumps over")
         retry = list(first)
-        partial = first[:6] + tok.encode("lazy dog")
+        partial = first[:17] + tok.encode("lazy dog")  # one whole block of 16 tokens, and one more
         prompts = [turn2, retry, partial]
         got = _turns(cached, prompts, params)
         want = _turns(plain, [first] + prompts, params)[1:]
         # Request 1's row held its prompt and its new tokens but the last (never fed back);
         # turn 2's row then extends it, and a prompt reuses at most all but its last token.
         ran1 = len(first) + len(req1.tokens) - 1
-        assert [ev.cached_tokens for _, ev in got] == [ran1, len(first) - 1, 6]
+        assert [ev.cached_tokens for _, ev in got] == [ran1, len(first) - 1, 17]
         assert [ev.cached_tokens for _, ev in want] == [0, 0, 0]
         for (req, ev), (ref, ref_ev) in zip(got, want):
             assert req.tokens == ref.tokens and ev.finish_reason == ref_ev.finish_reason
             _assert_logprobs_close(req.logprobs, ref.logprobs)
-        assert cached.cached_tokens_total == ran1 + len(first) - 1 + 6
+        assert cached.cached_tokens_total == ran1 + len(first) - 1 + 17
         assert cached.prompt_tokens_total == plain.prompt_tokens_total
         # Turn 2's entry starts with request 1's tokens, so it replaced it.
-        assert not any(torch.equal(e.tokens, torch.tensor((first + req1.tokens)[:ran1]))
-                       for e in cached.prefix_cache.entries)
+        assert (first + req1.tokens)[:ran1] not in [e.tokens for e in cached.prefix_cache.entries.values()]
     finally:
         cached.stop()
         plain.stop()
@@ -612,7 +617,9 @@ def _eventually(cond, timeout: float = 10.0) -> None:
 
 
 def test_prefix_cache_stays_within_its_bytes(model, tok):
-    """Least recently used entries go first once the budget is reached."""
+    """Least recently used entries go first once the budget is reached, and a row longer than
+    the whole budget keeps as many of its first tokens as fit (a chat that outgrows it still
+    reuses its start)."""
     one_row = 2 * model.cfg.n_layer * model.cfg.n_kv_head * model.cfg.head_dim * 4  # bytes a token
     eng = Engine(model, tok, max_batch=2, prefix_cache_bytes=45 * one_row).start()
     try:
@@ -620,14 +627,20 @@ def test_prefix_cache_stays_within_its_bytes(model, tok):
         a, b = tok.encode("abcdefghijklmnop"), tok.encode("0123456789 01234")  # 16 + 3 tokens each
         _turns(eng, [a, b], params)
         pc = eng.prefix_cache
+        kept = lambda: [(e.tokens[:3], len(e.tokens)) for e in pc.entries.values()]  # noqa: E731
         # (Each prompt is kept once prefilled, and replaced by its whole row when it ends.)
-        _eventually(lambda: len(pc.entries) == 2 and pc.nbytes == 2 * 19 * one_row)
+        _eventually(lambda: kept() == [(a[:3], 19), (b[:3], 19)] and pc.nbytes == 38 * one_row)
         _turns(eng, [tok.encode("Hello, World! The qu")], params)  # 20 + 3: a must go
-        _eventually(lambda: [(e.tokens[:3].tolist(), len(e.tokens)) for e in pc.entries]
-                    == [(b[:3], 19), (tok.encode("Hel"), 23)])
+        _eventually(lambda: kept() == [(b[:3], 19), (tok.encode("Hel"), 23)])
         assert pc.nbytes == (19 + 23) * one_row <= pc.max_bytes
         (_, ev), = _turns(eng, [a], params)
         assert ev.cached_tokens == 0
+
+        long_prompt = tok.encode((TEXT * 2)[:60])
+        _turns(eng, [long_prompt], params)
+        _eventually(lambda: kept() == [(long_prompt[:3], 45)] and pc.nbytes == 45 * one_row)
+        (_, ev), = _turns(eng, [long_prompt], params)
+        assert ev.cached_tokens == 45
     finally:
         eng.stop()
 
@@ -670,10 +683,14 @@ def test_prompt_logprobs_never_come_from_the_prefix_cache(model, tok):
         eng.stop()
 
 
-def test_prompts_that_arrive_together_with_a_common_start_share_it(model, tok):
+@pytest.mark.parametrize("chunk", [512, 16])
+def test_prompts_that_arrive_together_with_a_common_start_share_it(model, tok, monkeypatch, chunk):
     """Continuations of one context, or `n` copies of one prompt, submitted at once: the first
-    is prefilled, the others wait one step and copy the tokens they share with it; every output
-    is what an engine without a prefix cache gives."""
+    is prefilled (in one step, or five of 16 tokens), the others wait for it and copy the
+    tokens they share with it; every output is what an engine without a prefix cache gives."""
+    import scratchlm.engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "PREFILL_CHUNK", chunk)
     context = tok.encode((TEXT * 2)[:70])
     prompts = [context + tok.encode(x) for x in ("abc", "Hello", "xyz")] + [context] * 2
     params = GenerationParams(max_tokens=10, sampling=GREEDY, logprobs=1)
@@ -689,3 +706,75 @@ def test_prompts_that_arrive_together_with_a_common_start_share_it(model, tok):
     finally:
         cached.stop()
         plain.stop()
+
+
+# --- chunked prefill -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(tok, monkeypatch, arch):
+    """With PREFILL_CHUNK = 16, a 100-token prompt arriving while another request decodes is
+    prefilled 16 tokens a step, and the running request gets a token between any two chunks
+    (it waited for the whole prompt before); both outputs equal decoding each prompt alone."""
+    import scratchlm.engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "PREFILL_CHUNK", 16)
+    torch.manual_seed(0)
+    extra = dict(n_kv_head=2, bias=False) if arch == "llama" else {}
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=4, d_model=32,
+                                    context_length=128, arch=arch, **extra))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0, 1.0 if "emb" in name else 0.6 if "attn" in name else 0.15)
+    model.eval()
+    short, long_prompt = tok.encode("Hello"), tok.encode((TEXT * 2)[:100])
+    want = [[t for (t,) in generate(model, [p], n, GREEDY, eot_id=None)] for p, n in ((short, 40), (long_prompt, 6))]
+    eng = Engine(model, tok, max_batch=2, prefix_cache_bytes=0).start()
+    calls = []
+    hook = model.register_forward_pre_hook(lambda mod, args: calls.append(tuple(args[0].shape)))
+    try:
+        running: queue.Queue[Event] = queue.Queue()
+        (first,) = eng.submit([short], GenerationParams(max_tokens=40, sampling=GREEDY, ignore_eos=True),
+                              running.put)
+        running.get(timeout=30)  # decoding
+        n = len(calls)
+        (second,) = eng.submit([long_prompt], GenerationParams(max_tokens=6, sampling=GREEDY,
+                                                               ignore_eos=True), lambda ev: None)
+        while not (first.done and second.done):
+            time.sleep(0.01)
+    finally:
+        hook.remove()
+        eng.stop()
+    assert [first.tokens, second.tokens] == want
+    chunks = [i for i, shape in enumerate(calls) if i >= n and shape[1] > 1]
+    assert [calls[i] for i in chunks] == [(1, 16)] * 6 + [(1, 4)]
+    assert all(calls[i + 1] == (1, 1) for i in chunks[:-1])  # the running row's decode step
+    assert calls[chunks[-1] + 1] == (2, 1)  # then both decode together
+
+
+def test_a_failing_prefix_cache_costs_only_the_reuse(model, tok, monkeypatch):
+    """The prefix cache only saves work: when keeping a row fails (out of memory while copying
+    it, say), the request that finishes, the ones still running, a cancelled one and the next
+    one all go on as without a cache."""
+    from scratchlm.engine import PrefixCache
+
+    def store(self, tokens, cache, row):
+        raise torch.OutOfMemoryError("out of memory (injected)")
+
+    monkeypatch.setattr(PrefixCache, "store", store)
+    prompt = tok.encode("The quick brown fox")
+    eng = Engine(model, tok, max_batch=3).start()
+    try:
+        long_params = GenerationParams(max_tokens=30, sampling=GREEDY, ignore_eos=True)
+        sink: queue.Queue[Event] = queue.Queue()
+        (doomed,) = eng.submit([prompt], GenerationParams(max_tokens=100, sampling=GREEDY), sink.put)
+        reqs, got = collect(eng, [prompt, prompt[:5]], [long_params, GenerationParams(max_tokens=3, sampling=GREEDY)])
+        eng.cancel(doomed)
+        again = eng.generate(prompt, GenerationParams(max_tokens=5, sampling=GREEDY))
+        assert eng.alive
+    finally:
+        eng.stop()
+    assert [got[i][-1].error for i in range(2)] == [None, None]
+    want = [t for (t,) in generate(model, [prompt], 30, GREEDY, eot_id=None)]
+    assert reqs[0].tokens == want
+    assert again.tokens == reference_greedy(model, prompt, 5, tok.eot_id)
