@@ -91,19 +91,19 @@ def test_greedy_under_concurrency_equals_generate(engine, model, tok, monkeypatc
     assert engine.running == 0 and engine.queue_depth == 0
 
 
-@pytest.mark.parametrize("budget", [4096, 20], ids=["one-pass", "chunked"])
-def test_prompts_admitted_together_share_a_padded_prefill(model, tok, monkeypatch, budget):
+@pytest.mark.parametrize("chunk", [512, 20], ids=["one-pass", "chunked"])
+def test_prompts_admitted_together_share_a_padded_prefill(model, tok, monkeypatch, chunk):
     """Prompts of different lengths admitted in the same step are prefilled together (short
-    ones padded), in chunks of at most PREFILL_TOKENS padded tokens: every output equals
-    decoding that prompt alone. Padding seen by a real token, a position advanced by the padded
-    length or a first token read at the padded end would change the tokens."""
+    ones padded) within the step's PREFILL_CHUNK prompt tokens: every output equals decoding
+    that prompt alone. Padding seen by a real token, a position advanced by the padded length
+    or a first token read at the padded end would change the tokens."""
     import scratchlm.engine as engine_mod
 
-    monkeypatch.setattr(engine_mod, "PREFILL_TOKENS", budget)
+    monkeypatch.setattr(engine_mod, "PREFILL_CHUNK", chunk)
     prompts = ["Hello", "T", "The quick brown fox", "0123456789 01", "lazy dog?", "abc"]
     ids = [tok.encode(p) for p in prompts]
     expected = [reference_greedy(model, i, 20, tok.eot_id) for i in ids]
-    eng = Engine(model, tok, max_batch=4, max_queue=8)
+    eng = Engine(model, tok, max_batch=4, max_queue=8, prefix_cache_bytes=0)
     shapes = []
     hook = model.register_forward_pre_hook(lambda mod, args: shapes.append(tuple(args[0].shape)))
     events: queue.Queue[Event] = queue.Queue()
@@ -117,11 +117,12 @@ def test_prompts_admitted_together_share_a_padded_prefill(model, tok, monkeypatc
         hook.remove()
         eng.stop()
     assert [r.tokens for r in reqs] == expected
-    lengths = sorted(len(i) for i in ids[:4])  # the first four: 1, 5, 13 and 19 tokens
-    if budget == 4096:  # in one pass, as long as the longest of them
-        assert shapes[0] == (4, lengths[-1])
-    else:  # by length, at most 20 padded tokens a pass: (1 and 5), then 13 and 19 alone
-        assert shapes[:3] == [(2, lengths[1]), (1, lengths[2]), (1, lengths[3])]
+    passes = [s for s in shapes if s[1] > 1]
+    if chunk == 512:  # the first four (5, 1, 19 and 13 tokens) in one pass, as long as the longest
+        assert passes[0] == (4, 19)
+    else:  # 20 tokens a step, oldest first: 5, 1 and 14 of the 19 (a pass of 1 and 5 rows, the
+        # 14 alone: padding them together would waste more than the chunk), then 5 and 13
+        assert passes[:3] == [(2, 5), (1, 14), (2, 13)]
 
 
 def test_a_failing_prefill_fails_only_its_own_request(model, tok):
@@ -778,3 +779,63 @@ def test_a_failing_prefix_cache_costs_only_the_reuse(model, tok, monkeypatch):
     want = [t for (t,) in generate(model, [prompt], 30, GREEDY, eot_id=None)]
     assert reqs[0].tokens == want
     assert again.tokens == reference_greedy(model, prompt, 5, tok.eot_id)
+
+
+def test_copies_of_a_prompt_do_not_wait_for_a_cache_too_small_to_keep_it(model, tok):
+    """Eight copies of a 99-token prompt: with a prefix cache too small for the 32 tokens worth
+    waiting for, they are prefilled together as without a cache (two passes of the 512-token
+    chunk), not one after another."""
+    one_row = 2 * model.cfg.n_layer * model.cfg.n_kv_head * model.cfg.head_dim * 4
+    prompt = tok.encode((TEXT * 2)[:99])
+    passes = []
+    hook = model.register_forward_pre_hook(
+        lambda mod, args: passes.append(tuple(args[0].shape)) if args[0].shape[1] > 1 else None)
+    eng = Engine(model, tok, max_batch=8, prefix_cache_bytes=10 * one_row)
+    try:
+        reqs = eng.submit([prompt] * 8, GenerationParams(max_tokens=2, sampling=GREEDY), lambda ev: None)
+        eng.start()
+        _eventually(lambda: all(r.done for r in reqs))
+    finally:
+        hook.remove()
+        eng.stop()
+    assert passes == [(6, 99), (3, 99)]
+    assert len({tuple(r.tokens) for r in reqs}) == 1
+
+
+def test_a_row_cancelled_while_prefilling_does_not_hold_back_a_ready_one(model, tok, monkeypatch):
+    """A client that goes away while its long prompt is prefilled (after the step's first look
+    at cancellations): the row behind it that finished its prompt in that step still decodes in
+    the same step."""
+    import scratchlm.engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "PREFILL_CHUNK", 8)
+    decoded = []
+
+    class CancelMidStep(Engine):
+        victim = None
+
+        def _prefill_step(self, admitted):
+            if self.victim is not None and self.victim.computed >= 8:
+                self.victim.cancelled = True  # what cancel() does, at the worst moment
+            super()._prefill_step(admitted)
+
+        def _decode_step(self):
+            decoded.append([(r.prefilled, r.cancelled) for r in self._active])
+            super()._decode_step()
+
+    eng = CancelMidStep(model, tok, max_batch=2, prefix_cache_bytes=0)
+    long_prompt, short = tok.encode((TEXT * 2)[:40]), tok.encode("Hello")
+    a, b = eng.submit([long_prompt, short], GenerationParams(max_tokens=5, sampling=GREEDY, ignore_eos=True),
+                      lambda ev: None)
+    eng.victim = a
+    eng.start()
+    try:
+        _eventually(lambda: a.done and b.done)
+    finally:
+        eng.stop()
+    assert a.finish_reason == "cancelled"
+    for rows in decoded:  # no ready row ever sits behind one that is not
+        ready = [p and not c for p, c in rows]
+        assert ready == sorted(ready, reverse=True), rows
+    want = [t for (t,) in generate(model, [short], 5, GREEDY, eot_id=None)]
+    assert b.tokens == want

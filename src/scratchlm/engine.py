@@ -78,9 +78,6 @@ prefill, as vLLM does by default). A longer prompt takes several steps, and the 
 decode a token between any two, so a long prompt delays their next token by one chunk's
 prefill instead of its whole prompt's."""
 
-PREFILL_TOKENS = 4096
-"""At most this many (padded) prompt tokens go through one prefill pass; bounds the memory of
-a pass (a prompt that wants its log-probabilities goes whole, alone)."""
 
 # A byte-level token adds at least one byte, and a UTF-8 character has at most 4: text still
 # ending in U+FFFD after this many held-back tokens is invalid bytes, not a character to finish.
@@ -283,6 +280,7 @@ class PrefixCache:
         self.token_bytes = token_bytes  # keys and values of one position, all layers
         self.entries: OrderedDict[int, _Prefix] = OrderedDict()  # by id(), least recently used first
         self.blocks: dict[int, list[_Prefix]] = {}  # block hash -> entries holding that start
+        self.ends: dict[int, list[_Prefix]] = {}  # hash of an entry's last whole block -> entries
         self.nbytes = 0
 
     def match(self, prompt: list[int], touch: bool = True) -> tuple[_Prefix | None, int]:
@@ -298,17 +296,20 @@ class PrefixCache:
                 break
             found, n = self.blocks[h], (i + 1) * PREFIX_BLOCK
         best, best_n = None, 0
-        for e in found:
-            if e.tokens[:n] != prompt[:n]:  # a hash collision
-                continue
-            m, end = n, min(len(e.tokens), limit)
-            while m < end and e.tokens[m] == prompt[m]:
-                m += 1
-            if m > best_n:
-                best, best_n = e, m
+        for e in sorted(found, key=lambda e: -self._extend(e, prompt, n, limit)):
+            if e.tokens[:n] == prompt[:n]:  # else a hash collision
+                best, best_n = e, self._extend(e, prompt, n, limit)
+                break
         if best is not None and touch:
             self.entries.move_to_end(id(best))
         return best, best_n
+
+    @staticmethod
+    def _extend(e: _Prefix, prompt: list[int], n: int, limit: int) -> int:
+        m, end = n, min(len(e.tokens), limit)
+        while m < end and e.tokens[m] == prompt[m]:
+            m += 1
+        return m
 
     def load(self, entry: _Prefix, n: int, cache: KVCache, row: int) -> None:
         """Write the entry's first n positions into a cache row, which then holds n tokens."""
@@ -329,9 +330,9 @@ class PrefixCache:
             if len(e.tokens) >= n and e.tokens[:n] == tokens:  # nothing new
                 self.entries.move_to_end(id(e))
                 return
-        for h in hashes:  # entries this one extends
-            for e in list(self.blocks.get(h, ())):
-                if len(e.tokens) <= n and tokens[: len(e.tokens)] == e.tokens:
+        for i, h in enumerate(hashes):  # entries this one extends (each seen at its last block)
+            for e in list(self.ends.get(h, ())):
+                if len(e.hashes) == i + 1 and len(e.tokens) <= n and tokens[: len(e.tokens)] == e.tokens:
                     self._drop(e)
         nbytes = n * self.token_bytes
         while self.nbytes + nbytes > self.max_bytes:  # before the copy: the bound holds at all times
@@ -342,6 +343,7 @@ class PrefixCache:
         self.entries[id(entry)] = entry
         for h in hashes:
             self.blocks.setdefault(h, []).append(entry)
+        self.ends.setdefault(hashes[-1], []).append(entry)
         self.nbytes += nbytes
 
     def _drop(self, entry: _Prefix) -> None:
@@ -351,6 +353,10 @@ class PrefixCache:
             holders.remove(entry)
             if not holders:
                 del self.blocks[h]
+        ends = self.ends[entry.hashes[-1]]
+        ends.remove(entry)
+        if not ends:
+            del self.ends[entry.hashes[-1]]
         self.nbytes -= entry.nbytes
 
 
@@ -382,7 +388,8 @@ class Engine:
         if prefix_cache_bytes is None:
             prefix_cache_bytes = cache_bytes
         token_bytes = cache_bytes // (max_batch * self.cache.max_len)
-        self.prefix_cache = PrefixCache(int(prefix_cache_bytes), token_bytes) if prefix_cache_bytes > 0 else None
+        prefix_cache_bytes = int(prefix_cache_bytes)  # as EngineProcess passes it on
+        self.prefix_cache = PrefixCache(prefix_cache_bytes, token_bytes) if prefix_cache_bytes > 0 else None
         self._lock = threading.Condition()
         self._waiting: deque[Request] = deque()
         self._active: list[Request] = []  # _active[i].slot == i: the running rows are 0..n-1
@@ -517,7 +524,9 @@ class Engine:
                         admitted.append(req)
                 try:
                     self._prefill_step(admitted)
-                    if any(req.done for req in self._active):  # finished on their first token
+                    if any(req.done or req.cancelled for req in self._active):  # finished on their first
+                        # token, or cancelled meanwhile (a row still prefilling must not sit
+                        # before rows ready to decode)
                         self._events_out()
                         with self._lock:
                             self._drop_cancelled()
@@ -549,6 +558,7 @@ class Engine:
             return False
         shared = max((_shared_start(a.prompt, req.prompt[:-1])
                       for a in self._active if not (a.prefilled or a.done or a.cancelled)), default=0)
+        shared = min(shared, self.prefix_cache.max_bytes // self.prefix_cache.token_bytes)  # what it can keep
         return shared >= SHARED_PREFIX_MIN and shared > self.prefix_cache.match(req.prompt, touch=False)[1]
 
     def _drop_cancelled(self) -> None:
@@ -615,6 +625,8 @@ class Engine:
                     log.exception("could not reuse the prefix cache")
                     self.cache.reset([req.slot])
             req.computed = req.cached
+            self.prompt_tokens_total += len(req.prompt)
+            self.cached_tokens_total += req.cached
         work: list[tuple[Request, int]] = []  # (request, prompt tokens to run now), in row order
         budget = PREFILL_CHUNK
         for req in self._active:
@@ -648,13 +660,12 @@ class Engine:
                     self._finish(req, "error", error=f"internal error: {type(e).__name__}: {e}")
 
     def _fits(self, group: list[tuple[Request, int]]) -> bool:
-        """A prefill pass of these rows (the longest last) keeps within PREFILL_TOKENS padded
-        tokens, with at most PREFILL_CHUNK of them padding (a 1-token rest and a 500-token one
-        would rather not share a pass of 8 rows), and, padding included, within every row's
+        """A prefill pass of these rows (the longest last) has at most PREFILL_CHUNK padding
+        tokens (a 1-token rest and a 500-token one would rather not share a pass of 8 rows; a
+        pass is then at most twice the chunk) and, padding included, stays within every row's
         cache: each row starts where its prompt is up to."""
         T = group[-1][1]
-        padded = len(group) * T
-        return (padded <= PREFILL_TOKENS and padded - sum(n for _, n in group) <= PREFILL_CHUNK
+        return (len(group) * T - sum(n for _, n in group) <= PREFILL_CHUNK
                 and max(req.computed for req, _ in group) + T <= self.cache.max_len)
 
     def _prefill_pass(self, group: list[tuple[Request, int]]) -> None:
@@ -672,8 +683,6 @@ class Engine:
             req.prefilled = True
             if self.prefix_cache is not None:  # for prompts that start alike, kept after the step
                 self._prompts_to_keep.append(req)
-            self.prompt_tokens_total += len(req.prompt)
-            self.cached_tokens_total += req.cached
         if every:
             req = reqs[0]
             lp = logits[0, :-1].float().log_softmax(-1)  # position t predicts token t + 1
