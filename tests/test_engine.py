@@ -350,10 +350,15 @@ def _assert_logprobs_close(a: list, b: list) -> None:
             assert [v for _, v in x[1]] == pytest.approx([v for _, v in y[1]], abs=1e-5)
 
 
-def test_logprobs_are_the_models_log_softmax(engine, model, tok):
+@pytest.mark.parametrize("chunk", [512, 4], ids=["whole-prompt", "4-token-chunks"])
+def test_logprobs_are_the_models_log_softmax(engine, model, tok, monkeypatch, chunk):
     """Each new token's log-probability and the most likely alternatives are the log-softmax
     of the model's raw logits at that position (not of the tempered or filtered ones), and the
-    prompt's come from the same full forward pass."""
+    prompt's come from the same full forward pass, also when the prompt is prefilled a chunk at
+    a time (each chunk scores the tokens after its own)."""
+    import scratchlm.engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "PREFILL_CHUNK", chunk)
     prompt = tok.encode("The quick brown")
     params = GenerationParams(max_tokens=12, sampling=SamplingConfig(temperature=1.5, top_k=5), seed=1,
                               ignore_eos=True, logprobs=3, prompt_logprobs=True)

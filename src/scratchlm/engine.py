@@ -633,15 +633,11 @@ class Engine:
             left = len(req.prompt) - req.computed
             if left == 0 or req.done or req.cancelled:
                 continue
-            if req.params.prompt_logprobs:  # logits at every position: whole, in a pass alone
-                if not work:
-                    work.append((req, left))
-                break
             if budget == 0:
                 break
             work.append((req, min(left, budget)))
             budget -= work[-1][1]
-        passes = [[w] for w in work if w[0].params.prompt_logprobs]
+        passes = [[w] for w in work if w[0].params.prompt_logprobs]  # logits everywhere: alone
         work = sorted((w for w in work if not w[0].params.prompt_logprobs), key=lambda w: w[1])
         while work:  # by length: similar lengths together, less padding
             n = 1  # the longest of a sorted pass is its last: grow while the padded pass fits
@@ -676,6 +672,12 @@ class Engine:
         logits, _ = self.model(padded_batch(ids, self.device), cache=self.cache,
                                rows=torch.tensor([req.slot for req in reqs]), last_only=not every,
                                lengths=[n for _, n in group])  # (n, 1, V), or (1, T, V) for prompt logprobs
+        if every:  # position t predicts token t + 1: this chunk scores the tokens after each of its own
+            req, (_, n) = reqs[0], group[0]
+            scored = req.prompt[req.computed + 1 : req.computed + n + 1]  # the last chunk scores n - 1
+            lp = logits[0, : len(scored)].float().log_softmax(-1)
+            entries = logprob_entries(lp, scored, req.params.logprobs or 0) if scored else []
+            req.prompt_logprobs = (req.prompt_logprobs or [None]) + entries
         for req, n in group:
             req.computed += n
         done = [i for i, req in enumerate(reqs) if req.computed == len(req.prompt)]
@@ -683,10 +685,6 @@ class Engine:
             req.prefilled = True
             if self.prefix_cache is not None:  # for prompts that start alike, kept after the step
                 self._prompts_to_keep.append(req)
-        if every:
-            req = reqs[0]
-            lp = logits[0, :-1].float().log_softmax(-1)  # position t predicts token t + 1
-            req.prompt_logprobs = [None, *logprob_entries(lp, req.prompt[1:], req.params.logprobs or 0)]
         if done:
             self._sample_and_accept(logits[done, -1], [reqs[i] for i in done], first=True)
 
