@@ -426,8 +426,10 @@ def test_engine_process_equals_the_engine_in_this_process(run_dir, engine, tok):
         want_reqs, want = collect(engine, prompts, params)
     finally:
         torch.set_num_threads(before)
-    # 3 requests, 2 slots: one waits (a prefix cache of a float number of bytes, as Engine takes)
-    child = EngineProcess(run_dir, max_batch=2, max_queue=4, prefix_cache_bytes=2.0**20).start()
+    # 3 requests, 2 slots: one waits (a prefix cache of a float number of bytes, as Engine takes,
+    # and prompts prefilled 4 tokens a step: the outputs do not change)
+    child = EngineProcess(run_dir, max_batch=2, max_queue=4, prefix_cache_bytes=2.0**20,
+                          prefill_chunk=4).start()
     try:
         assert child.alive and "thread" in child.threads
         reqs, got = collect(child, prompts, params)
@@ -718,13 +720,10 @@ def test_prompts_that_arrive_together_with_a_common_start_share_it(model, tok, m
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(tok, monkeypatch, arch):
-    """With PREFILL_CHUNK = 16, a 100-token prompt arriving while another request decodes is
+def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(tok, arch):
+    """With a chunk of 16 tokens, a 100-token prompt arriving while another request decodes is
     prefilled 16 tokens a step, and the running request gets a token between any two chunks
     (it waited for the whole prompt before); both outputs equal decoding each prompt alone."""
-    import scratchlm.engine as engine_mod
-
-    monkeypatch.setattr(engine_mod, "PREFILL_CHUNK", 16)
     torch.manual_seed(0)
     extra = dict(n_kv_head=2, bias=False) if arch == "llama" else {}
     model = Transformer(ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=4, d_model=32,
@@ -735,7 +734,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(tok, monkeypa
     model.eval()
     short, long_prompt = tok.encode("Hello"), tok.encode((TEXT * 2)[:100])
     want = [[t for (t,) in generate(model, [p], n, GREEDY, eot_id=None)] for p, n in ((short, 40), (long_prompt, 6))]
-    eng = Engine(model, tok, max_batch=2, prefix_cache_bytes=0).start()
+    eng = Engine(model, tok, max_batch=2, prefix_cache_bytes=0, prefill_chunk=16).start()
     calls = []
     hook = model.register_forward_pre_hook(lambda mod, args: calls.append(tuple(args[0].shape)))
     try:

@@ -202,7 +202,7 @@ def test_a_chats_next_turn_reuses_the_first_from_the_prefix_cache(server, client
     assert _metric(server, "scratchlm_prompt_tokens_cached_total") - before == total
 
 
-def test_prefix_cache_size_option(run_dir):
+def test_prefix_cache_and_prefill_chunk_options(run_dir):
     from scratchlm.errors import UserError
 
     for bad in (-1, float("nan"), float("inf")):
@@ -211,6 +211,9 @@ def test_prefix_cache_size_option(run_dir):
     assert create_app(run_dir, prefix_cache_mb=0, engine="thread").state.server.engine.prefix_cache is None
     pc = create_app(run_dir, prefix_cache_mb=1.5, engine="thread").state.server.engine.prefix_cache
     assert pc.max_bytes == 1.5 * 2**20
+    with pytest.raises(UserError, match="--prefill-chunk"):
+        create_app(run_dir, prefill_chunk=0, engine="thread")
+    assert create_app(run_dir, prefill_chunk=16, engine="thread").state.server.engine._chunk() == 16
 
 
 def test_chat_template():

@@ -146,7 +146,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     from scratchlm.serve import serve
 
     serve(a.run_dir, host=a.host, port=a.port, max_batch=a.max_batch, api_key=a.api_key,
-          max_queue=a.max_queue, prefix_cache_mb=a.prefix_cache_mb)
+          max_queue=a.max_queue, prefix_cache_mb=a.prefix_cache_mb, prefill_chunk=a.prefill_chunk)
     return 0
 
 
@@ -291,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prefix-cache-mb", type=float, default=None, metavar="MB",
                    help="memory for finished requests' keys and values, reused by prompts that "
                         "start with the same tokens (default: as much as the KV cache; 0: off)")
+    s.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
+                   help="prompt tokens prefilled per step, between which running requests decode "
+                        "(default 512; smaller: shorter stalls, longer first tokens)")
     s.set_defaults(func=_cmd_serve)
 
     s = sub.add_parser("export", help="export a run to Hugging Face or GGUF")

@@ -205,6 +205,11 @@ class Request:
         return self.finish_reason is not None
 
 
+def _check_chunk(prefill_chunk: int | None) -> None:
+    if prefill_chunk is not None and prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+
+
 def _check_slots(max_batch: int, max_queue: int) -> None:
     if max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -370,11 +375,14 @@ class Engine:
         max_queue: requests that may wait for a slot; beyond that `submit` raises `QueueFull`.
         prefix_cache_bytes: memory for the `PrefixCache` of finished requests' keys and values;
             None: as much as the KV cache itself, 0: no prefix cache.
+        prefill_chunk: prompt tokens prefilled per step (None: `PREFILL_CHUNK`).
     """
 
     def __init__(self, model: Transformer, tokenizer, max_batch: int = 8, max_queue: int = 64,
-                 prefix_cache_bytes: int | None = None) -> None:
+                 prefix_cache_bytes: int | None = None, prefill_chunk: int | None = None) -> None:
         _check_slots(max_batch, max_queue)
+        _check_chunk(prefill_chunk)
+        self.prefill_chunk = prefill_chunk
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.eot_id = tokenizer.eot_id
@@ -628,7 +636,7 @@ class Engine:
             self.prompt_tokens_total += len(req.prompt)
             self.cached_tokens_total += req.cached
         work: list[tuple[Request, int]] = []  # (request, prompt tokens to run now), in row order
-        budget = PREFILL_CHUNK
+        budget = self._chunk()
         for req in self._active:
             left = len(req.prompt) - req.computed
             if left == 0 or req.done or req.cancelled:
@@ -655,13 +663,16 @@ class Engine:
                 for req, _ in group:
                     self._finish(req, "error", error=f"internal error: {type(e).__name__}: {e}")
 
+    def _chunk(self) -> int:
+        return PREFILL_CHUNK if self.prefill_chunk is None else self.prefill_chunk
+
     def _fits(self, group: list[tuple[Request, int]]) -> bool:
         """A prefill pass of these rows (the longest last) has at most PREFILL_CHUNK padding
         tokens (a 1-token rest and a 500-token one would rather not share a pass of 8 rows; a
         pass is then at most twice the chunk) and, padding included, stays within every row's
         cache: each row starts where its prompt is up to."""
         T = group[-1][1]
-        return (len(group) * T - sum(n for _, n in group) <= PREFILL_CHUNK
+        return (len(group) * T - sum(n for _, n in group) <= self._chunk()
                 and max(req.computed for req, _ in group) + T <= self.cache.max_len)
 
     def _prefill_pass(self, group: list[tuple[Request, int]]) -> None:
@@ -966,10 +977,13 @@ class EngineProcess:
     """
 
     def __init__(self, run_dir: str | Path, max_batch: int = 8, max_queue: int = 64,
-                 device: str = "cpu", prefix_cache_bytes: int | None = None) -> None:
+                 device: str = "cpu", prefix_cache_bytes: int | None = None,
+                 prefill_chunk: int | None = None) -> None:
         from scratchlm.checkpoint import read_run_config
 
         _check_slots(max_batch, max_queue)
+        _check_chunk(prefill_chunk)
+        self.prefill_chunk = prefill_chunk
         self.run_dir, self.device = str(run_dir), device
         self.max_batch, self.max_queue = max_batch, max_queue
         self.prefix_cache_bytes = None if prefix_cache_bytes is None else int(prefix_cache_bytes)
@@ -999,7 +1013,7 @@ class EngineProcess:
         code = ("import sys; from scratchlm.engine import _engine_process_main; "
                 "_engine_process_main(sys.argv[1:])")
         args = [self.run_dir, self.device, str(self.max_batch), str(self.max_queue),
-                str(cmd_r), str(res_w), str(self.prefix_cache_bytes)]
+                str(cmd_r), str(res_w), str(self.prefix_cache_bytes), str(self.prefill_chunk)]
         try:
             self.process = subprocess.Popen([sys.executable, "-c", code, *args], env=env,
                                             pass_fds=(cmd_r, res_w), stdin=subprocess.DEVNULL)
@@ -1141,7 +1155,7 @@ class EngineProcess:
 
 def _engine_process_main(argv: list[str]) -> None:
     """The child side of `EngineProcess` (argv: run_dir device max_batch max_queue fd_in
-    fd_out prefix_cache_bytes): load the run, run an `Engine`, relay its events."""
+    fd_out prefix_cache_bytes prefill_chunk): load the run, run an `Engine`, relay its events."""
     from scratchlm.checkpoint import load_run
 
     run_dir, device = argv[0], argv[1]
@@ -1151,11 +1165,11 @@ def _engine_process_main(argv: list[str]) -> None:
     # Ctrl-C reaches the whole process group; the parent decides when this process stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        prefix_cache_bytes = None if argv[6] == "None" else int(argv[6])
+        prefix_cache_bytes, prefill_chunk = (None if a == "None" else int(a) for a in argv[6:8])
         model, tokenizer, _ = load_run(run_dir, device=device)
         threads = pick_threads(model)
         engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue,
-                        prefix_cache_bytes=prefix_cache_bytes)
+                        prefix_cache_bytes=prefix_cache_bytes, prefill_chunk=prefill_chunk)
     except Exception as e:  # noqa: BLE001 - the parent shows it as a one-line error
         msg = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
         results.send_bytes(pickle.dumps(("failed", msg)))

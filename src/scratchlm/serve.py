@@ -223,7 +223,7 @@ class _Server:
 def create_app(run_dir: str | Path, max_batch: int = 8, api_key: str | None = None,
                max_queue: int = 64, *, model_name: str | None = None, device: str = "cpu",
                stream_interval: float | None = None, engine: str = "process",
-               prefix_cache_mb: float | None = None) -> FastAPI:
+               prefix_cache_mb: float | None = None, prefill_chunk: int | None = None) -> FastAPI:
     """Load RUN_DIR and build the app; the engine runs until the app's shutdown.
 
     Args:
@@ -240,6 +240,7 @@ def create_app(run_dir: str | Path, max_batch: int = 8, api_key: str | None = No
         prefix_cache_mb: memory for finished requests' keys and values, which later prompts
             that start with the same tokens reuse (`engine.PrefixCache`); None: as much as the
             KV cache, 0: none.
+        prefill_chunk: prompt tokens prefilled per engine step (default `engine.PREFILL_CHUNK`).
 
     Example:
         >>> app = create_app("runs/demo/run")          # doctest: +SKIP
@@ -257,6 +258,8 @@ def create_app(run_dir: str | Path, max_batch: int = 8, api_key: str | None = No
     if prefix_cache_mb is not None and not 0 <= prefix_cache_mb < float("inf"):
         raise UserError(f"--prefix-cache-mb must be a number >= 0, got {prefix_cache_mb}")
     prefix_bytes = None if prefix_cache_mb is None else int(prefix_cache_mb * 2**20)
+    if prefill_chunk is not None and prefill_chunk < 1:
+        raise UserError(f"--prefill-chunk must be >= 1, got {prefill_chunk}")
     if api_key is not None and not api_key.strip():
         raise UserError("--api-key is empty; give a key or leave the option out")
     run_dir = Path(run_dir)
@@ -270,12 +273,13 @@ def create_app(run_dir: str | Path, max_batch: int = 8, api_key: str | None = No
         raise UserError(f"the stream interval must be in [0, 1] seconds, got {stream_interval}")
     if engine == "process":
         eng: Engine | EngineProcess = EngineProcess(run_dir, max_batch, max_queue, device,
-                                                    prefix_cache_bytes=prefix_bytes).start()
+                                                    prefix_cache_bytes=prefix_bytes,
+                                                    prefill_chunk=prefill_chunk).start()
         tokenizer = Tokenizer.load(run_dir / "tokenizer.json")  # the child has checked the run
     else:
         model, tokenizer, _ = load_run(run_dir, device=device)
         eng = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue,
-                     prefix_cache_bytes=prefix_bytes)
+                     prefix_cache_bytes=prefix_bytes, prefill_chunk=prefill_chunk)
     name = model_name or run_dir.resolve().name
     created = int((run_dir / "config.json").stat().st_mtime)
     srv = _Server(eng, tokenizer, name, api_key, created)
@@ -578,12 +582,13 @@ async def _sse(srv: _Server, stream: EventStream, parsed: ParsedRequest, chat: b
 # --- the command -----------------------------------------------------------------------------
 
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,
-          api_key: str | None = None, max_queue: int = 64, prefix_cache_mb: float | None = None) -> None:
+          api_key: str | None = None, max_queue: int = 64, prefix_cache_mb: float | None = None,
+          prefill_chunk: int | None = None) -> None:
     """`scratchlm serve`: load the run and serve it until interrupted (Ctrl-C)."""
     sock = listen(host, port)  # first: a busy port fails before the model loads
     try:
         app = create_app(run_dir, max_batch=max_batch, api_key=api_key, max_queue=max_queue,
-                         prefix_cache_mb=prefix_cache_mb)
+                         prefix_cache_mb=prefix_cache_mb, prefill_chunk=prefill_chunk)
     except BaseException:
         sock.close()
         raise
