@@ -413,7 +413,7 @@ def test_engine_process_equals_the_engine_in_this_process(run_dir, engine, tok):
     """Same requests (greedy, seeded sampling, a stop string) through the child process and
     through an in-process engine: the same text, ids, finish reasons and token counts; the
     parent's mirrors and counters follow the child's."""
-    from scratchlm.engine import EngineProcess
+    from scratchlm.engine_process import EngineProcess
 
     prompts = [tok.encode(p) for p in ("Hello", "The quick", "abc")]
     params = [GenerationParams(max_tokens=40, sampling=GREEDY),
@@ -457,7 +457,7 @@ def test_engine_process_queue_bound_and_cancel(run_dir, tok):
     """The parent refuses beyond max_batch + max_queue without asking the child (it counts
     requests until it sees them finish); a cancel reaches the child, frees the slot, and the
     request ends "cancelled" before its max_tokens."""
-    from scratchlm.engine import EngineProcess
+    from scratchlm.engine_process import EngineProcess
 
     child = EngineProcess(run_dir, max_batch=1, max_queue=0).start()
     try:
@@ -482,7 +482,7 @@ def test_engine_process_death_fails_its_requests(run_dir, tok):
     import os
     import signal
 
-    from scratchlm.engine import EngineProcess
+    from scratchlm.engine_process import EngineProcess
 
     child = EngineProcess(run_dir, max_batch=1, max_queue=4).start()
     events: queue.Queue[Event] = queue.Queue()
@@ -508,7 +508,7 @@ def test_engine_process_exits_with_its_parent(run_dir, tmp_path):
     import subprocess
     import sys
 
-    script = ("import os, sys; from scratchlm.engine import EngineProcess\n"
+    script = ("import os, sys; from scratchlm.engine_process import EngineProcess\n"
               f"e = EngineProcess({str(run_dir)!r}).start()\n"
               "print(e.process.pid, flush=True); os._exit(0)\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
@@ -533,7 +533,7 @@ def test_engine_process_unloadable_run_is_a_user_error(run_dir, tmp_path):
     """Damaged weights: the child's load error comes back as the parent's one-line UserError."""
     import shutil
 
-    from scratchlm.engine import EngineProcess
+    from scratchlm.engine_process import EngineProcess
     from scratchlm.errors import UserError
 
     bad = tmp_path / "bad"
@@ -549,7 +549,7 @@ def test_engine_process_loses_no_request_that_finishes_at_once(run_dir, tok):
     back before `submit` returns, and every one must still finish (the parent registers a
     request before sending it; it used to register after, and a fast reply was dropped: with
     a 20 ms stall between the two, this test loses requests)."""
-    from scratchlm.engine import EngineProcess
+    from scratchlm.engine_process import EngineProcess
 
     child = EngineProcess(run_dir, max_batch=8, max_queue=400).start()
     try:
@@ -761,7 +761,7 @@ def test_a_failing_prefix_cache_costs_only_the_reuse(model, tok, monkeypatch):
     """The prefix cache only saves work: when keeping a row fails (out of memory while copying
     it, say), the request that finishes, the ones still running, a cancelled one and the next
     one all go on as without a cache."""
-    from scratchlm.engine import PrefixCache
+    from scratchlm.prefix_cache import PrefixCache
 
     def store(self, tokens, cache, row):
         raise torch.OutOfMemoryError("out of memory (injected)")

@@ -64,7 +64,8 @@ from scratchlm.api import (
     render_chat,
     stop_list,
 )
-from scratchlm.engine import Engine, EngineClosed, EngineProcess, EventStream, GenerationParams, QueueFull
+from scratchlm.engine import Engine, EngineClosed, EventStream, GenerationParams, QueueFull
+from scratchlm.engine_process import EngineProcess
 from scratchlm.generate import SamplingConfig
 
 log = logging.getLogger(__name__)
@@ -238,7 +239,7 @@ def create_app(run_dir: str | Path, max_batch: int = 8, api_key: str | None = No
             fails now; "thread": an `Engine` thread in this process, started with the app
             (tests reach its model through `app.state.server.engine.model`).
         prefix_cache_mb: memory for finished requests' keys and values, which later prompts
-            that start with the same tokens reuse (`engine.PrefixCache`); None: as much as the
+            that start with the same tokens reuse (`prefix_cache.PrefixCache`); None: as much as the
             KV cache, 0: none.
         prefill_chunk: prompt tokens prefilled per engine step (default `engine.PREFILL_CHUNK`).
 
