@@ -216,6 +216,28 @@ def test_prefix_cache_and_prefill_chunk_options(run_dir):
     assert create_app(run_dir, prefill_chunk=16, engine="thread").state.server.engine._chunk() == 16
 
 
+def test_tokenize_and_detokenize(server, run_dir):
+    """vLLM's /tokenize and /detokenize: a prompt's ids (a chat's through the template) as the
+    engine would get them, and ids back to text; bad input is a 400."""
+    from scratchlm.checkpoint import load_run
+
+    _, tok, _ = load_run(run_dir)
+    r = httpx.post(server + "/tokenize", json={"model": "tiny-run", "prompt": "Hello, World!"}).json()
+    assert r == {"tokens": tok.encode("Hello, World!"), "count": 13, "max_model_len": CONTEXT}
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    r = httpx.post(server + "/tokenize", json={"messages": messages}).json()
+    assert r["tokens"] == tok.encode(render_chat(messages)) and r["count"] == len(r["tokens"])
+    ids = tok.encode("The quick brown fox") + [tok.eot_id]
+    assert httpx.post(server + "/detokenize", json={"tokens": ids}).json() == {
+        "prompt": "The quick brown fox<|endoftext|>"}
+    _error(httpx.post(server + "/tokenize", json={"prompt": ["a", "b"]}), 400)
+    _error(httpx.post(server + "/tokenize", json={"prompt": "price: 5 €"}), 400)  # € never seen
+    _error(httpx.post(server + "/tokenize", json={"messages": [{"role": "robot", "content": "x"}]}), 400)
+    for bad in ([tok.vocab_size], [-1], [True], "12", None):
+        _error(httpx.post(server + "/detokenize", json={"tokens": bad}), 400)
+    _error(httpx.post(server + "/detokenize", json={"model": "other", "tokens": [1]}), 400)
+
+
 def test_chat_template():
     assert render_chat([{"role": "user", "content": "Hi"}]) == "User: Hi\nAssistant:"
     assert CHAT_STOP == "\nUser:"
@@ -320,6 +342,8 @@ def test_api_key(run_dir):
         _error(httpx.post(url + "/v1/completions", json=body,
                           headers={"Authorization": "Bearer wrong"}), 401)
         _error(httpx.get(url + "/v1/models"), 401)
+        _error(httpx.post(url + "/tokenize", json={"prompt": "Hi"}), 401)
+        _error(httpx.post(url + "/detokenize", json={"tokens": [1]}), 401)
         good = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=30)
         assert good.completions.create(model="tiny-run", prompt="Hi", max_tokens=2).choices
         with pytest.raises(openai.AuthenticationError):

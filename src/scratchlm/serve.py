@@ -48,7 +48,6 @@ except ImportError as e:  # the server is an optional extra
                     "pip install 'scratchlm[serve]'") from None
 
 from scratchlm.api import (
-    CHAT_ROLES,
     CHAT_STOP,
     APIError,
     CountRequests,
@@ -56,12 +55,12 @@ from scratchlm.api import (
     ParsedRequest,
     bad_request,
     chat_logprobs,
+    chat_text,
     completion_logprobs,
     logit_bias_param,
     logprobs_param,
     number_param,
     reject_unsupported,
-    render_chat,
     stop_list,
 )
 from scratchlm.engine import Engine, EngineClosed, EventStream, GenerationParams, QueueFull
@@ -363,28 +362,35 @@ def create_app(run_dir: str | Path, max_batch: int = 8, api_key: str | None = No
     async def chat_completions(request: Request):
         srv.check_auth(request)
         data = await srv.read_json(request)
-        messages = data.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise bad_request("'messages' must be a non-empty list of {role, content} objects", "messages")
-        flat = []
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m["role"] not in CHAT_ROLES:
-                raise bad_request(f"messages[{i}] needs a 'role' of {', '.join(CHAT_ROLES)}", "messages")
-            content = m.get("content")
-            if isinstance(content, list):  # content parts: text only
-                if not all(isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str)
-                           for c in content):
-                    raise bad_request(f"messages[{i}].content: only text parts are supported", "messages")
-                content = "".join(c["text"] for c in content)
-            if content is None and m["role"] == "assistant":  # as OpenAI allows (a tool-call turn)
-                content = ""
-            if not isinstance(content, str):
-                raise bad_request(f"messages[{i}].content must be a string", "messages")
-            flat.append({"role": m["role"], "content": content})
-        text = render_chat(flat)
+        text = chat_text(data)
         parsed = srv.parse(data, [srv.encode(text, "messages")], "messages", default_max=None,
                            extra_stop=[CHAT_STOP], prompt_texts=[text])
         return await _respond(srv, request, parsed, chat=True)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> JSONResponse:
+        """vLLM's extension: the ids of a `prompt` (or of `messages` through the chat template)
+        and how many, to check a prompt against the context before sending it."""
+        srv.check_auth(request)
+        data = await srv.read_json(request)
+        if "messages" in data:
+            ids = srv.encode(chat_text(data), "messages")
+        elif isinstance(data.get("prompt"), str):
+            ids = srv.encode(data["prompt"], "prompt")
+        else:
+            raise bad_request("give a 'prompt' string or chat 'messages'", "prompt")
+        return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": srv.context_length})
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> JSONResponse:
+        """vLLM's extension: the text of token ids (special tokens by their names)."""
+        srv.check_auth(request)
+        data = await srv.read_json(request)
+        ids, top = data.get("tokens"), srv.tokenizer.vocab_size - 1
+        if not isinstance(ids, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= top for t in ids):
+            raise bad_request(f"'tokens' must be a list of token ids in 0..{top}", "tokens")
+        return JSONResponse({"prompt": srv.tokenizer.decode(ids)})
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
