@@ -236,6 +236,23 @@ def test_tokenize_and_detokenize(server, run_dir):
     for bad in ([tok.vocab_size], [-1], [True], "12", None):
         _error(httpx.post(server + "/detokenize", json={"tokens": bad}), 400)
     _error(httpx.post(server + "/detokenize", json={"model": "other", "tokens": [1]}), 400)
+    _error(httpx.post(server + "/tokenize", content=b'{"prompt": "a\\ud800b"}'), 400)
+    text = httpx.get(server + "/metrics").text  # counted under their own names
+    assert re.search(r'^scratchlm_requests_total\{endpoint="/tokenize",status="200"\} [1-9]', text, re.M)
+    assert re.search(r'^scratchlm_requests_total\{endpoint="/detokenize",status="400"\} [1-9]', text, re.M)
+
+
+def test_an_unhandled_error_is_a_counted_500(run_dir):
+    app = create_app(run_dir, engine="thread")
+
+    def broken(text):
+        raise RuntimeError("a bug (injected)")
+
+    app.state.server.tokenizer.encode = broken
+    with running_server(app) as url:
+        err = _error(httpx.post(url + "/tokenize", json={"prompt": "Hi"}), 500)
+        assert err["type"] == "server_error"
+        assert _metric(url, 'scratchlm_requests_total\\{endpoint="/tokenize",status="500"\\}') == 1
 
 
 def test_chat_template():

@@ -142,6 +142,14 @@ def test_char_unknown_character_names_it(char: Tokenizer) -> None:
         char.encode_batch(["fox", "ZZ"])
 
 
+def test_a_lone_surrogate_is_a_user_error(bpe: Tokenizer, char: Tokenizer) -> None:
+    """JSON's "\\ud800" and undecodable command-line bytes give strings that are not Unicode
+    text; HF tokenizers would raise a TypeError (a 500 in the server)."""
+    for tok in (bpe, char):
+        with pytest.raises(UserError, match=r"surrogate|never saw"):
+            tok.encode("a\ud800b")
+
+
 def test_char_empty_corpus() -> None:
     with pytest.raises(UserError, match="empty"):
         train_char(iter(["", ""]))

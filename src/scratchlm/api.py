@@ -164,25 +164,35 @@ API_ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/toke
 
 
 class CountRequests:
-    """ASGI middleware: count /v1 responses by endpoint and status (streams included). Any
-    other /v1 path counts as "other": a label made of what a client typed could break the
-    exposition format and would grow without limit."""
+    """ASGI middleware: count API responses (`API_ENDPOINTS` and any other /v1 path) by
+    endpoint and status, streams included. Any other /v1 path counts as "other": a label made
+    of what a client typed could break the exposition format and would grow without limit. An
+    unhandled error counts as a 500 (its response is sent outside this middleware)."""
 
     def __init__(self, app, metrics: Metrics) -> None:
         self.app, self.metrics = app, metrics
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not (path.startswith("/v1/") or path in API_ENDPOINTS):
             await self.app(scope, receive, send)
             return
+        label = path if path in API_ENDPOINTS else "other"
+        started = False
 
         async def counting_send(message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
-                path = scope["path"]
-                self.metrics.count_request(path if path in API_ENDPOINTS else "other", message["status"])
+                started = True
+                self.metrics.count_request(label, message["status"])
             await send(message)
 
-        await self.app(scope, receive, counting_send)
+        try:
+            await self.app(scope, receive, counting_send)
+        except Exception:
+            if not started:
+                self.metrics.count_request(label, 500)
+            raise
 
 
 # --- request validation ----------------------------------------------------------------------

@@ -229,7 +229,7 @@ def create_app(run_dir: str | Path, max_batch: int = 8, api_key: str | None = No
     Args:
         run_dir: a scratchlm run directory (`load_run`).
         max_batch: slots of the continuous batch.
-        api_key: when set, /v1/* need `Authorization: Bearer <api_key>`.
+        api_key: when set, /v1/*, /tokenize and /detokenize need `Authorization: Bearer <api_key>`.
         max_queue: requests that may wait for a slot before the server answers 429.
         model_name: the id clients pass as `model` (default: the run directory's name).
         stream_interval: see `STREAM_INTERVAL` (default: $SCRATCHLM_STREAM_INTERVAL or that).

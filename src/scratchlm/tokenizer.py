@@ -106,9 +106,15 @@ class Tokenizer:
         return self._hf.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`; never adds special tokens."""
+        """Token ids of `text`; never adds special tokens. A lone surrogate (which JSON's
+        "\\ud800" and undecodable command-line bytes can produce) is a UserError."""
         if self._char_table is not None:
             return self._encode_chars(text).tolist()
+        try:
+            text.encode("utf-8")  # HF tokenizers raise a TypeError on a lone surrogate
+        except UnicodeEncodeError as e:
+            raise UserError(f"the text holds a lone surrogate (U+{ord(text[e.start]):04X}) at "
+                            f"character {e.start}, which is not Unicode text") from None
         return self._hf.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
