@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -26,13 +25,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_serve import ALPHABET, build_run  # noqa: E402
+from bench_serve import ALPHABET, build_run
 
-import scratchlm.engine as engine_mod  # noqa: E402
-from scratchlm.checkpoint import load_run  # noqa: E402
-from scratchlm.engine import Engine, GenerationParams, pick_threads  # noqa: E402
-from scratchlm.generate import SamplingConfig  # noqa: E402
+import scratchlm.engine as engine_mod
+from scratchlm.checkpoint import load_run
+from scratchlm.engine import Engine, GenerationParams, pick_threads
+from scratchlm.generate import SamplingConfig
 
 
 def one_round(engine: Engine, tok, prompt_len: int) -> tuple[float, float]:

@@ -28,10 +28,9 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_serve import build_run, free_port, wait_ready  # noqa: E402
+from bench_serve import build_run, free_port, wait_ready
 
-from scratchlm.api import render_chat  # noqa: E402
+from scratchlm.api import render_chat
 
 SYSTEM = ("You are a helpful assistant who answers questions about the plays of Shakespeare, "
           "their characters, their language and their history, briefly and without inventing facts.")

@@ -183,7 +183,6 @@ class Request:
         self.prompt_sent = False  # prompt_logprobs went out with an event
         self.cached = 0  # prompt tokens whose keys and values came from the prefix cache
         self.computed = 0  # prompt tokens in its cache row so far (chunked prefill)
-        self.prefilled = False  # its whole prompt is in its cache row (else: never stored)
         self.sent = 0  # of `tokens`, how many earlier events carried
         self.held: list[int] = []  # ids whose text is not yet a whole character
         self.text = ""  # decoded new text (stop string cut off once found)
@@ -197,6 +196,11 @@ class Request:
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def prefilled(self) -> bool:
+        """Its whole prompt is in its cache row (prompts are never empty)."""
+        return self.computed == len(self.prompt)
 
 
 def _check_chunk(prefill_chunk: int | None) -> None:
@@ -550,10 +554,8 @@ class Engine:
         for req, n in group:
             req.computed += n
         done = [i for i, req in enumerate(reqs) if req.computed == len(req.prompt)]
-        for req in (reqs[i] for i in done):
-            req.prefilled = True
-            if self.prefix_cache is not None:  # for prompts that start alike, kept after the step
-                self._prompts_to_keep.append(req)
+        if self.prefix_cache is not None:  # for prompts that start alike, kept after the step
+            self._prompts_to_keep += [reqs[i] for i in done]
         if done:
             self._sample_and_accept(logits[done, -1], [reqs[i] for i in done], first=True)
 

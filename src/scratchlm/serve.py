@@ -135,6 +135,11 @@ class _Server:
                        "(see GET /v1/models)", "model", "model_not_found")
         return data
 
+    def valid_ids(self, ids: list) -> bool:
+        """Every item a token id of this tokenizer (JSON booleans are not ids)."""
+        return all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.tokenizer.vocab_size
+                   for t in ids)
+
     def encode(self, text: str, param: str) -> list[int]:
         try:
             return self.tokenizer.encode(text)
@@ -350,8 +355,7 @@ def create_app(run_dir: str | Path, max_batch: int = 8, api_key: str | None = No
                 prompts.append(srv.encode(p, "prompt"))
                 texts.append(p)
             else:
-                if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < srv.tokenizer.vocab_size
-                           for t in p):
+                if not srv.valid_ids(p):
                     raise bad_request("token-id prompts must hold ids in [0, vocab_size)", "prompt")
                 prompts.append(list(p))
                 texts.append(srv.tokenizer.decode(p))
@@ -386,10 +390,10 @@ def create_app(run_dir: str | Path, max_batch: int = 8, api_key: str | None = No
         """vLLM's extension: the text of token ids (special tokens by their names)."""
         srv.check_auth(request)
         data = await srv.read_json(request)
-        ids, top = data.get("tokens"), srv.tokenizer.vocab_size - 1
-        if not isinstance(ids, list) or not all(
-                isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= top for t in ids):
-            raise bad_request(f"'tokens' must be a list of token ids in 0..{top}", "tokens")
+        ids = data.get("tokens")
+        if not isinstance(ids, list) or not srv.valid_ids(ids):
+            raise bad_request(f"'tokens' must be a list of token ids in 0..{srv.tokenizer.vocab_size - 1}",
+                              "tokens")
         return JSONResponse({"prompt": srv.tokenizer.decode(ids)})
 
     @app.exception_handler(Exception)
