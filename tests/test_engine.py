@@ -487,6 +487,8 @@ def test_engine_process_death_fails_its_requests(run_dir, tok):
     child = EngineProcess(run_dir, max_batch=1, max_queue=4).start()
     events: queue.Queue[Event] = queue.Queue()
     child.submit([tok.encode("Hello")] * 3, GenerationParams(max_tokens=120, ignore_eos=True), events.put)
+    events.get(timeout=30)  # a first token: the child has reported one running and two waiting
+    assert (child.running, child.queue_depth) == (1, 2)
     os.kill(child.process.pid, signal.SIGKILL)
     ends = []
     while len(ends) < 3:
@@ -496,6 +498,7 @@ def test_engine_process_death_fails_its_requests(run_dir, tok):
     assert {e.finish_reason for e in ends} == {"error"}
     assert all("exited unexpectedly" in e.error for e in ends)
     assert not child.alive
+    assert (child.running, child.queue_depth) == (0, 0)  # not the dead child's last report
     with pytest.raises(EngineClosed):
         child.submit([tok.encode("abc")], GenerationParams(max_tokens=5), lambda ev: None)
     child.stop()  # harmless after the fact

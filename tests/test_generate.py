@@ -86,6 +86,9 @@ def test_filters_keep_only_allowed_tokens():
     min_p = sample_next_token(logits, SamplingConfig(temperature=1.0, min_p=float(probs[2] / probs[0]) - 1e-4), g)
     assert set(min_p.tolist()) == {0, 1, 2}
     assert sample_next_token(logits[:1], SamplingConfig(temperature=0)).item() == 0
+    # A top_p too small for float32 (it rounds to 0) still keeps the most likely token.
+    tiny = sample_next_token(logits[:50], SamplingConfig(temperature=1.0, top_p=1e-50), g)
+    assert set(tiny.tolist()) == {0}
 
 
 def test_repetition_penalty_demotes_seen_tokens():

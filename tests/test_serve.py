@@ -296,6 +296,7 @@ def test_n_seed_and_stop(client):
     ({"prompt": "Hi", "stop": 3}, "stop"),
     ({"prompt": "Hi", "model": "gpt-4"}, "model"),
     ({"prompt": "x" * CONTEXT}, "prompt"),
+    ({"prompt": ["Hi"] * 9}, "prompt"),  # more prompts than slots and queue hold (4 + 4)
     ({"prompt": "Hi", "max_tokens": CONTEXT}, "max_tokens"),
     ({"prompt": ""}, "prompt"),
     ({"prompt": "\u4e2d"}, "prompt"),  # a character the char tokenizer never saw
@@ -340,11 +341,53 @@ def test_bad_chat_requests_are_400(server):
 
 
 def test_malformed_json_is_400(server):
-    for body in (b"{not json", b"[1, 2]", b"\xff\xfe", b"[" * 100_000 + b"]" * 100_000):
+    too_many_digits = b'{"prompt": "Hi", "max_tokens": 1' + b"0" * 5000 + b"}"  # Python's int limit
+    for body in (b"{not json", b"[1, 2]", b"\xff\xfe", b"[" * 100_000 + b"]" * 100_000, too_many_digits):
         r = httpx.post(server + "/v1/completions", content=body,
                        headers={"Content-Type": "application/json"})
         assert _error(r, 400)["code"] == "invalid_json"
     assert _error(httpx.get(server + "/v1/nothing"), 404)["code"] == "not_found"
+
+
+def test_an_overlong_prompt_is_refused_without_tokenizing_it(server):
+    """A text longer than context x the longest token's bytes cannot fit: refused at once."""
+    for url, body in (("/v1/completions", {"prompt": "x" * (10 * CONTEXT)}),
+                      ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * (10 * CONTEXT)}]})):
+        err = _error(httpx.post(server + url, json=body), 400)
+        assert err["code"] == "context_length_exceeded" and "is at least" in err["message"]
+    # /tokenize counts any text, since telling how long it is is what it is for.
+    assert httpx.post(server + "/tokenize", json={"prompt": "x" * (10 * CONTEXT)}).json()["count"] == 10 * CONTEXT
+
+
+def test_a_body_too_large_is_413(server):
+    from scratchlm.serve import MAX_BODY_BYTES
+
+    big = b'{"prompt": "' + b"x" * MAX_BODY_BYTES + b'"}'
+    declared = httpx.post(server + "/v1/completions", content=big, headers={"Content-Type": "application/json"})
+    assert _error(declared, 413)["code"] == "request_too_large"
+
+    def chunked():  # no Content-Length: the limit applies as the body arrives
+        for i in range(0, len(big), 2**20):
+            yield big[i : i + 2**20]
+
+    r = httpx.post(server + "/v1/completions", content=chunked(), headers={"Content-Type": "application/json"})
+    assert _error(r, 413)["code"] == "request_too_large"
+
+
+def test_a_client_gone_before_its_body_arrived_is_not_a_500(server):
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(server)
+    with socket.create_connection((u.hostname, u.port)) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n" + b'{"prompt": ')
+    deadline = time.monotonic() + 10
+    pattern = r'^scratchlm_requests_total\{endpoint="/v1/completions",status="(\d+)"\} '
+    while time.monotonic() < deadline and "400" not in re.findall(pattern, httpx.get(server + "/metrics").text, re.M):
+        time.sleep(0.05)
+    assert "500" not in re.findall(pattern, httpx.get(server + "/metrics").text, re.M)
+    assert "400" in re.findall(pattern, httpx.get(server + "/metrics").text, re.M)
 
 
 def test_openai_client_raises_on_400(client):
@@ -524,6 +567,15 @@ def test_completion_logprobs_with_echo_are_the_models(server, client, run_dir):
     assert without.choices[0].logprobs.token_logprobs == pytest.approx(lp.token_logprobs[n:], abs=1e-5)
     assert client.completions.create(model="tiny-run", prompt=prompt, max_tokens=2).choices[0].logprobs is None
 
+    # A token-id prompt holding end-of-text: echo leaves it out, as text_offset does.
+    ids = tok.encode("Hi") + [tok.eot_id] + tok.encode("yo")
+    r = client.completions.create(model="tiny-run", prompt=ids, max_tokens=3, temperature=0, logprobs=0, echo=True)
+    choice = r.choices[0]
+    assert choice.text.startswith("Hiyo") and tok.decode([tok.eot_id]) not in choice.text
+    for token, offset in zip(choice.logprobs.tokens, choice.logprobs.text_offset):
+        shown = "" if token == tok.decode([tok.eot_id]) else token
+        assert choice.text[offset : offset + len(shown)] == shown
+
 
 def test_scoring_a_text_that_ends_at_end_of_text(run_dir):
     """lm-evaluation-harness's loglikelihood request (echo, logprobs 1, max_tokens 1): one
@@ -623,7 +675,8 @@ def test_metrics(server, client):
                for line in text.splitlines()), text
 
 
-@pytest.mark.parametrize("extreme", [{"temperature": 1e-40}, {"temperature": 0.7, "repetition_penalty": 1e-300}])
+@pytest.mark.parametrize("extreme", [{"temperature": 1e-40}, {"temperature": 0.7, "repetition_penalty": 1e-300},
+                                     {"temperature": 0.7, "top_p": 1e-50}])  # top_p rounds to 0 in fp32
 def test_extreme_sampling_values_neither_fail_nor_disturb_others(server, extreme):
     """Values that overflow fp32 once divided by (a near-zero temperature or penalty) still
     sample, and a request running beside them is not failed with them."""

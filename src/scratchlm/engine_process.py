@@ -220,6 +220,7 @@ class EngineProcess:
     def _fail_all(self, error: str) -> None:
         with self._lock:
             left, self._reqs = list(self._reqs.values()), {}
+            self._waiting = self._running = 0  # the child's last report no longer holds
         now = time.perf_counter()
         for req in left:
             req.finish_reason, req.t_done = "error", now

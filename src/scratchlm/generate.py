@@ -118,6 +118,7 @@ def sample_next_token(
         cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         # Drop a token when the tokens before it already reach top_p (the first always stays).
         drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= cfg.top_p
+        drop_sorted[:, 0] = False  # also when top_p is below float32's range (it rounds to 0)
         drop = drop_sorted.scatter(1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)

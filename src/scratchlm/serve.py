@@ -16,8 +16,8 @@ Driven by `scratchlm serve RUN_DIR [--host 127.0.0.1] [--port 8000] [--max-batch
 All generation goes through `scratchlm.engine.Engine` (continuous batching over
 `generate.sample_next_token`), which `serve` runs in a child process (`EngineProcess`).
 Errors have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 400 for bad
-input, 401 for a missing or wrong API key, 429 when the queue is full, 503 when the engine is
-not running.
+input, 401 for a missing or wrong API key, 413 for a body over `MAX_BODY_BYTES`, 429 when the
+queue is full, 503 when the engine is not running.
 """
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ try:
     from fastapi import FastAPI, Request
     from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
     from fastapi.staticfiles import StaticFiles
+    from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.requests import ClientDisconnect
 except ImportError as e:  # the server is an optional extra
     raise UserError(f"serving needs FastAPI and uvicorn ({e.name} is missing): "
                     "pip install 'scratchlm[serve]'") from None
@@ -86,6 +88,11 @@ MAX_STREAM_INTERVAL = 0.25
 SCRATCHLM_STREAM_INTERVAL asks for a longer interval."""
 
 
+MAX_BODY_BYTES = 16 * 2**20
+"""A request body past this many bytes is refused with a 413 before it is parsed: the prompts
+of a full batch of these models' contexts take far less, and the body is held in memory."""
+
+
 def stream_interval_for(base: float, open_streams: int) -> float:
     """The wait between one stream's chunks when `open_streams` streams share the budget."""
     if base <= 0:
@@ -103,6 +110,9 @@ class _Server:
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
         self.api_key, self.created = api_key, created
         self.context_length = engine.context_length
+        # Every token covers at most this many bytes (hence characters) of text, so a longer
+        # text than context_length * max_token_bytes cannot fit and need not be tokenized.
+        self.max_token_bytes = max(1, int(tokenizer.token_bytes().max()))
         self.metrics = Metrics(engine)
         self.stream_interval = 0.0
 
@@ -120,10 +130,23 @@ class _Server:
                            "invalid_request_error", None, "invalid_api_key")
 
     async def read_json(self, request: Request) -> dict:
-        body = await request.body()
+        too_large = APIError(413, f"the request body is larger than {MAX_BODY_BYTES // 2**20} MiB",
+                             "invalid_request_error", None, "request_too_large")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            raise too_large
+        body = bytearray()
+        try:
+            async for part in request.stream():
+                body += part
+                if len(body) > MAX_BODY_BYTES:
+                    raise too_large
+        except ClientDisconnect:
+            raise bad_request("the client disconnected before the request body arrived", None,
+                              "client_disconnected") from None
         try:
             data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError) as e:  # ValueError: also a >4300-digit integer
             raise bad_request(f"the request body is not valid JSON: {e}", None, "invalid_json") from None
         except RecursionError:
             raise bad_request("the request body is nested too deeply", None, "invalid_json") from None
@@ -140,11 +163,24 @@ class _Server:
         return all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.tokenizer.vocab_size
                    for t in ids)
 
-    def encode(self, text: str, param: str) -> list[int]:
+    async def encode(self, text: str, param: str, prompt: bool = True) -> list[int]:
+        """Token ids of a text, tokenized in a worker thread so that a long text does not hold
+        up the event loop (HF tokenizers let go of the interpreter lock). A `prompt` that
+        cannot fit the context is refused untokenized."""
+        if prompt and len(text) > self.context_length * self.max_token_bytes:
+            raise bad_request(f"'{param}' is at least {-(-len(text) // self.max_token_bytes)} tokens, "
+                              f"but this model's context is {self.context_length} tokens",
+                              param, "context_length_exceeded")
         try:
-            return self.tokenizer.encode(text)
+            return await run_in_threadpool(self.tokenizer.encode, text)
         except UserError as e:  # e.g. a character the char tokenizer never saw
             raise bad_request(f"cannot tokenize '{param}': {e}", param) from None
+
+    def check_count(self, sequences: int, param: str) -> None:
+        capacity = self.engine.max_batch + self.engine.max_queue
+        if sequences > capacity:
+            raise bad_request(f"{sequences} sequences (prompts x n) exceed the server's capacity of "
+                              f"{capacity}", param)
 
     def parse(self, data: dict, prompts: list[list[int]], prompt_param: str, default_max: int | None,
               extra_stop: list[str], prompt_texts: list[str]) -> ParsedRequest:
@@ -210,9 +246,7 @@ class _Server:
                                                prompt_logprobs=echo and not chat and logprobs is not None))
                 expanded.append(p)
                 texts.append(text)
-        if len(expanded) > self.engine.max_batch + self.engine.max_queue:
-            raise bad_request(f"{len(expanded)} sequences (prompts x n) exceed the server's capacity of "
-                       f"{self.engine.max_batch + self.engine.max_queue}", "n")
+        self.check_count(len(expanded), "n")
         return ParsedRequest(expanded, params, n, stream, bool(opts.get("include_usage")), texts, echo,
                              logprobs)
 
@@ -349,16 +383,18 @@ def create_app(run_dir: str | Path, max_batch: int = 8, api_key: str | None = No
             raw = [raw]  # one prompt given as token ids
         if not isinstance(raw, list) or not raw or not all(isinstance(p, (str, list)) for p in raw):
             raise bad_request("'prompt' must be a string, a list of strings, or token ids", "prompt")
+        srv.check_count(len(raw), "prompt")  # before tokenizing any of them
         prompts, texts = [], []
         for p in raw:
             if isinstance(p, str):
-                prompts.append(srv.encode(p, "prompt"))
+                prompts.append(await srv.encode(p, "prompt"))
                 texts.append(p)
             else:
                 if not srv.valid_ids(p):
                     raise bad_request("token-id prompts must hold ids in [0, vocab_size)", "prompt")
                 prompts.append(list(p))
-                texts.append(srv.tokenizer.decode(p))
+                # As echo shows it: without special tokens, which also take no room in text_offset.
+                texts.append(srv.tokenizer.decode(p, skip_special_tokens=True))
         parsed = srv.parse(data, prompts, "prompt", default_max=16, extra_stop=[], prompt_texts=texts)
         return await _respond(srv, request, parsed, chat=False)
 
@@ -367,7 +403,7 @@ def create_app(run_dir: str | Path, max_batch: int = 8, api_key: str | None = No
         srv.check_auth(request)
         data = await srv.read_json(request)
         text = chat_text(data)
-        parsed = srv.parse(data, [srv.encode(text, "messages")], "messages", default_max=None,
+        parsed = srv.parse(data, [await srv.encode(text, "messages")], "messages", default_max=None,
                            extra_stop=[CHAT_STOP], prompt_texts=[text])
         return await _respond(srv, request, parsed, chat=True)
 
@@ -377,10 +413,10 @@ def create_app(run_dir: str | Path, max_batch: int = 8, api_key: str | None = No
         and how many, to check a prompt against the context before sending it."""
         srv.check_auth(request)
         data = await srv.read_json(request)
-        if "messages" in data:
-            ids = srv.encode(chat_text(data), "messages")
+        if "messages" in data:  # counted whatever their length: that is what this is for
+            ids = await srv.encode(chat_text(data), "messages", prompt=False)
         elif isinstance(data.get("prompt"), str):
-            ids = srv.encode(data["prompt"], "prompt")
+            ids = await srv.encode(data["prompt"], "prompt", prompt=False)
         else:
             raise bad_request("give a 'prompt' string or chat 'messages'", "prompt")
         return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": srv.context_length})
@@ -551,8 +587,8 @@ async def _sse(srv: _Server, stream: EventStream, parsed: ParsedRequest, chat: b
             last_send = time.perf_counter()
             pieces: dict[int, list] = {}  # index -> [text, finish_reason, ids, logprobs]
             for ev in events:
-                if ev.error:
-                    yield _sse_line(APIError(500, ev.error, "server_error").body())
+                if ev.error:  # then [DONE], as vLLM does, so a client's loop ends as usual
+                    yield _sse_line(APIError(500, ev.error, "server_error").body()) + b"data: [DONE]\n\n"
                     return
                 piece = pieces.setdefault(ev.index, ["", None, [], []])
                 if ev.prompt_logprobs is not None and parsed.echo:
