@@ -165,3 +165,30 @@ def test_stale_temporaries_are_removed(tmp_path: Path) -> None:
     (tmp_path / "keep.txt").write_text("x")
     ckpt.remove_stale_temporaries(tmp_path)
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["checkpoints", "keep.txt"]
+
+
+def test_a_damaged_run_config_is_a_one_line_error(tmp_path: Path) -> None:
+    """config.json edited by hand or copied between runs: each mistake names itself in one line."""
+    model, _, _, tok_path = _setup(tmp_path)
+    run = tmp_path / "run"
+    ckpt.write_run(run, model, RunConfig(model=model.cfg), tok_path)
+    good = json.loads((run / "config.json").read_text())
+
+    def broken(**changes):
+        (run / "config.json").write_text(json.dumps({**good, **changes}))
+        with pytest.raises(UserError) as e:
+            ckpt.load_run(run)
+        assert "\n" not in str(e.value)
+        return str(e.value)
+
+    assert "[model] must be a table" in broken(model=5)
+    assert "[train] must be a table" in broken(train=[1])
+    assert "vocab_size" in broken(model={k: v for k, v in good["model"].items() if k != "vocab_size"})
+    # Weights of another shape: the message names the tensor.
+    assert "size mismatch for tok_emb.weight" in broken(model={**good["model"], "d_model": 32, "n_head": 2})
+    (run / "config.json").write_text(json.dumps(good))
+    assert ckpt.load_run(run)[2].model == model.cfg
+    # A tokenizer with more ids than the model has rows: from another run.
+    train_char(["abcdefghijklmnopqrstuvwxyz"]).save(run / "tokenizer.json")
+    with pytest.raises(UserError, match="different runs"):
+        ckpt.load_run(run)

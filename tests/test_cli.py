@@ -41,7 +41,8 @@ def test_generate_errors_print_nothing_to_stdout(tmp_path, capsys):
     torch.manual_seed(0)
     write_run(tmp_path / "run", Transformer(cfg.model), cfg, tmp_path / "tok.json")
     for args in (["--prompt", "Zebra"], ["--prompt", "hello", "--max-new-tokens", "50"],
-                 ["--prompt", "hello", "--max-new-tokens", "0"]):
+                 ["--prompt", "hello", "--max-new-tokens", "0"],
+                 ["--prompt", "hello", "--max-new-tokens", "3", "--seed", str(2**70)]):
         assert main(["generate", str(tmp_path / "run"), *args]) == 2
         out = capsys.readouterr()
         assert out.out == "" and out.err.startswith("error: ")

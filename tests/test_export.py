@@ -21,6 +21,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -598,6 +599,11 @@ def test_import_refuses_tensors_a_plain_llama_does_not_have(work, toks):
     ({"architectures": ["GPT2LMHeadModel"], "n_embd": [32]}, "n_embd"),
     ({"num_attention_heads": 0}, "num_attention_heads"),
     ({"rms_norm_eps": "1e-5"}, "rms_norm_eps"),
+    ({"architectures": "LlamaForCausalLM"}, "unsupported architecture"),  # a string, not a list
+    ({"architectures": {"LlamaForCausalLM": 1}}, "unsupported architecture"),
+    ({"architectures": [None], "model_type": "gpt2"}, "unsupported architecture"),
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings"),  # bool("false") would be True
+    ({"attention_bias": 1}, "attention_bias"),
 ])
 def test_import_rejects_what_scratchlm_cannot_represent(change, message):
     base = {"architectures": ["LlamaForCausalLM"], "hidden_size": 32, "num_attention_heads": 4,
@@ -620,6 +626,15 @@ def test_bad_inputs_are_one_line_user_errors(work, runs, toks, capsys):
     (foreign / "notes.txt").write_text("mine")
     a_file = work / "a-file"
     a_file.write_text("x")
+    someone_elses = work / "someone-else.gguf"  # a GGUF model that scratchlm did not write
+    writer = gguf.GGUFWriter(str(someone_elses), "llama")
+    writer.add_name("someone-elses-7b")
+    writer.add_tensor("t", np.zeros(4, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    gguf_before = someone_elses.read_bytes()
     cases = [
         lambda: export_hf(missing, work / "o1"),
         lambda: export_hf(foreign, work / "o2"),
@@ -634,6 +649,10 @@ def test_bad_inputs_are_one_line_user_errors(work, runs, toks, capsys):
         lambda: export_gguf(runs["gpt2"], a_file),  # an existing file that is not a GGUF
         lambda: export_gguf(runs["gpt2"], runs["gpt2"] / "model.safetensors"),
         lambda: export_hf(runs["gpt2"], theirs),  # an HF model that scratchlm did not export
+        lambda: export_gguf(runs["gpt2"], someone_elses),
+        lambda: export_hf(runs["gpt2"], a_file / "x"),  # a parent that is a file
+        lambda: export_gguf(runs["gpt2"], a_file / "x.gguf"),
+        lambda: import_hf(theirs, a_file / "x"),
     ]
     for case in cases:
         with pytest.raises(UserError) as e:
@@ -643,6 +662,7 @@ def test_bad_inputs_are_one_line_user_errors(work, runs, toks, capsys):
     assert load_run(runs["gpt2"])[2].model.arch == "gpt2"
     assert (runs["gpt2"] / "model.safetensors").read_bytes() == run_weights
     assert {p.name: p.read_bytes() for p in theirs.iterdir()} == theirs_before
+    assert someone_elses.read_bytes() == gguf_before
     assert not any((work / n).exists() for n in ("o1", "o2", "o3", "o4", "o5", "x.gguf"))
 
     assert cli_main(["export", str(missing), "--format", "hf", "--out", str(work / "o6")]) == 2
@@ -653,6 +673,11 @@ def test_bad_inputs_are_one_line_user_errors(work, runs, toks, capsys):
 class _Evil:
     def __reduce__(self):
         return (print, ("this must never run",))
+
+
+class _EvilSystem:  # torch names a blocked module differently from an unknown global
+    def __reduce__(self):
+        return (os.system, ("echo this must never run",))
 
 
 def test_import_refuses_a_pickled_object_in_pytorch_model_bin(work, toks, capsys):
@@ -711,6 +736,52 @@ def test_cli_export_and_import_print_the_path(work, runs, toks, capsys):
     os.umask(mask)
     for p in (gg, hf, hf / "model.safetensors", back, back / "model.safetensors"):  # not 0600
         assert p.stat().st_mode & 0o777 == (0o777 if p.is_dir() else 0o666) & ~mask, p
+
+
+def test_out_is_never_the_current_directory_and_dot_dot_creates_nothing(work, runs, monkeypatch):
+    here = work / "empty-cwd"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for case in (lambda: export_hf(runs["gpt2"], "."), lambda: import_hf(work / "nope", ".."),
+                 lambda: export_hf(runs["gpt2"], "")):
+        with pytest.raises(UserError, match="current directory|not found|no config"):
+            case()
+    assert here.is_dir() and not any(here.iterdir())
+    out = export_hf(runs["gpt2"], work / "dd" / "sub" / "..")  # is work/dd
+    assert out == work / "dd" and (out / "model.safetensors").is_file() and not (out / "sub").exists()
+
+
+def test_gguf_export_replaces_its_own_earlier_file(work, runs):
+    out = work / "again.gguf"
+    export_gguf(runs["gpt2"], out)
+    first = out.read_bytes()
+    export_gguf(runs["llama-gqa"], out)
+    assert out.read_bytes() != first and gguf.GGUFReader(str(out)).fields["general.architecture"]
+
+
+def test_import_reports_broken_weight_files_in_one_line(work, toks):
+    tok = Tokenizer.load(toks["bpe"])
+    for name, write in (("text", lambda p: p.write_text("hello")),  # not a pickle at all
+                        ("list", lambda p: torch.save([1, 2], p)),  # a pickle, not a state dict
+                        ("system", lambda p: torch.save({"x": _EvilSystem()}, p))):
+        src = work / f"hf-broken-{name}"
+        src.mkdir()
+        _write_gpt2_config(src, tok)
+        shutil.copyfile(toks["bpe"], src / "tokenizer.json")
+        write(src / "pytorch_model.bin")
+        with pytest.raises(UserError) as e:
+            import_hf(src, work / f"imported-broken-{name}")
+        assert "\n" not in str(e.value) and not (work / f"imported-broken-{name}").exists()
+        if name == "system":
+            assert "holds Python objects" in str(e.value)
+    for weight_map in ([1], {"a": 5}):
+        src = work / f"hf-index-{len(str(weight_map))}"
+        src.mkdir()
+        _write_gpt2_config(src, tok)
+        shutil.copyfile(toks["bpe"], src / "tokenizer.json")
+        (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        with pytest.raises(UserError, match="not a valid weight index"):
+            import_hf(src, work / "imported-index")
 
 
 def test_export_is_atomic_and_replaces_a_previous_export(work, runs, monkeypatch):

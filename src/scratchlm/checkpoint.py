@@ -105,8 +105,10 @@ def load_weights(model: Transformer, path: str | Path) -> None:
     try:
         model.load_state_dict(state, strict=True)
     except (RuntimeError, TypeError) as e:
-        first = str(e).strip().splitlines()[0]
-        raise UserError(f"weights in {path} do not match config.json: {first}") from None
+        # torch puts what is wrong on the lines after a header: keep the first three, on one line.
+        lines = [line.strip() for line in str(e).strip().splitlines()]
+        what = "; ".join(lines[1:4] or lines[:1]) + ("; ..." if len(lines) > 4 else "")
+        raise UserError(f"weights in {path} do not match config.json: {what}") from None
 
 
 def load_run(
@@ -121,7 +123,14 @@ def load_run(
         if not (run_dir / name).is_file():
             raise UserError(f"{run_dir} has no {name}: the run is incomplete or still starting")
     tokenizer = Tokenizer.load(run_dir / "tokenizer.json")
-    model = Transformer(cfg.model)
+    try:
+        model = Transformer(cfg.model)
+    except (ValueError, RuntimeError) as e:  # e.g. no vocab_size, or too large to allocate
+        raise UserError(f"cannot build the model that {run_dir / 'config.json'} describes: "
+                        f"{str(e).strip().splitlines()[0]}") from None
+    if cfg.model.vocab_size < tokenizer.vocab_size:  # (more rows than ids is fine: rounded up)
+        raise UserError(f"{run_dir}: tokenizer.json has {tokenizer.vocab_size} ids but the model in "
+                        f"config.json only {cfg.model.vocab_size} rows: they come from different runs")
     load_weights(model, run_dir / weights)
     return model.to(device).eval(), tokenizer, cfg
 
@@ -289,13 +298,16 @@ def torch_load_safe(path: str | Path, hint: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except UnpicklingError as e:
-        if "Unsupported global" in str(e):  # a class or function: loading it could run code
+        if "global" in str(e).lower():  # a class or function ("Unsupported global", "unsupported
+            # GLOBAL ... is blocked"): loading it could run code
             raise UserError(f"cannot read {path}: it holds Python objects besides tensors and "
                             f"numbers, which scratchlm will not load (that could run code); {hint}") from None
         raise UserError(f"cannot read {path}: it is damaged or not a PyTorch file; {hint}") from None
     except (OSError, RuntimeError, EOFError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot read {path}: {first}; {hint}") from None
+    except Exception:  # noqa: BLE001 - a text file read as a pickle fails in arbitrary ways (KeyError...)
+        raise UserError(f"cannot read {path}: it is damaged or not a PyTorch file; {hint}") from None
 
 
 def load_trainer_state(path: str | Path) -> dict[str, Any]:

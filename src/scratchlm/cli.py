@@ -93,7 +93,7 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     import dataclasses
 
     from scratchlm.checkpoint import load_run
-    from scratchlm.generate import SamplingConfig, check_fits, generate_text
+    from scratchlm.generate import SamplingConfig, check_fits, check_seed, generate_text
 
     sampling = SamplingConfig(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                               min_p=a.min_p, repetition_penalty=a.repetition_penalty,
@@ -107,6 +107,8 @@ def _cmd_generate(a: argparse.Namespace) -> int:
 
     for p in a.prompt:  # every prompt checked before anything is printed
         check_fits(len(tokenizer.encode(p)), a.max_new_tokens, model.cfg.context_length)
+    if a.seed is not None:
+        check_seed(a.seed)
     if stream:
         sys.stdout.write(a.prompt[0])
     results = generate_text(model, tokenizer, a.prompt, a.max_new_tokens, sampling, stop=a.stop,

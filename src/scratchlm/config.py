@@ -216,6 +216,8 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         """Strict: unknown sections or keys are errors (a run directory must describe itself)."""
+        if not isinstance(d, dict):
+            raise UserError(f"a run config must be a table with [model] and [train], got {d!r}")
         _check_keys(d, ("model", "train"), "config")
         return cls(
             model=_build(ModelConfig, d.get("model", {}), "model"),
@@ -365,6 +367,8 @@ def _merge(into: dict[str, dict[str, Any]], new: dict[str, Any]) -> None:
 
 
 def _build(cls: type, values: dict[str, Any], section: str) -> Any:
+    if not isinstance(values, dict):
+        raise UserError(f"[{section}] must be a table of keys and values, got {values!r}")
     hints = get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     _check_keys(values, names, f"[{section}]", prefix=f"{section}.")

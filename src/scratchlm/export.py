@@ -68,7 +68,7 @@ def export_hf(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
     from safetensors.torch import save_file
 
     model, tokenizer, cfg = load_run(run_dir)
-    out = Path(out)
+    out = Path(os.path.abspath(out))  # "a/b/.." is "a": its parent must not be created
     _check_dir_target(out, HF_FILES, "export")
     if out.is_dir() and any(out.iterdir()) and not _is_our_export(out):
         raise UserError(f"--out {out} holds a Hugging Face model that scratchlm did not export; "
@@ -251,7 +251,7 @@ def import_hf(path: str | os.PathLike, out: str | os.PathLike) -> Path:
     if not tok_path.is_file():
         raise UserError(f"{src} has no tokenizer.json (a fast tokenizer file); save the tokenizer "
                         "with transformers' save_pretrained to create one")
-    out = Path(out)
+    out = Path(os.path.abspath(out))
     _check_dir_target(out, (), "import")
     mc = model_config_from_hf(hf_cfg)
     tok_text, extra_rows = _scratchlm_tokenizer_text(tok_path, mc.vocab_size)
@@ -290,12 +290,12 @@ def model_config_from_hf(h: dict[str, Any]) -> ModelConfig:
     """ModelConfig for a Hugging Face config.json dict; what we cannot represent is a UserError."""
     model_type = h.get("model_type")
     archs = h.get("architectures") or [HF_ARCHITECTURES.get(model_type, model_type)]
-    arch = archs[0]
-    if arch not in HF_ARCHITECTURES.values() or len(archs) != 1:
+    if not isinstance(archs, list) or len(archs) != 1 or archs[0] not in HF_ARCHITECTURES.values():
         raise UserError(
-            f"unsupported architecture {arch or h.get('model_type')!r}: import-hf reads "
+            f"unsupported architecture {archs!r} (model_type {model_type!r}): import-hf reads "
             f"{' and '.join(HF_ARCHITECTURES.values())} checkpoints"
         )
+    arch = archs[0]
     for key, accepted in _UNSUPPORTED.items():
         if h.get(key) not in accepted:
             raise UserError(
@@ -312,7 +312,7 @@ def model_config_from_hf(h: dict[str, Any]) -> ModelConfig:
             n_head=_num(h, "n_head", 12), d_model=d, d_ff=_num(h, "n_inner", 4 * d),
             context_length=_num(h, "n_positions", 1024), dropout=_num(h, "resid_pdrop", 0.0, False),
             attn_dropout=_num(h, "attn_pdrop", 0.0, False), bias=True,
-            tie_embeddings=bool(h.get("tie_word_embeddings", True)),
+            tie_embeddings=_flag(h, "tie_word_embeddings", True),
             norm_eps=_num(h, "layer_norm_epsilon", 1e-5, False), gelu_approximate=approximations[act],
         )
     rope = h.get("rope_parameters") or {}
@@ -321,8 +321,8 @@ def model_config_from_hf(h: dict[str, Any]) -> ModelConfig:
     if h.get("hidden_act", "silu") != "silu":
         raise UserError(f"unsupported hidden_act {h['hidden_act']!r}; "
                         "scratchlm's llama MLP is SwiGLU (silu)")
-    bias = bool(h.get("attention_bias", False))
-    if bias != bool(h.get("mlp_bias", False)):
+    bias = _flag(h, "attention_bias", False)
+    if bias != _flag(h, "mlp_bias", False):
         raise UserError(
             "unsupported: attention_bias and mlp_bias differ; scratchlm has one bias setting")
     d, n_head = _num(h, "hidden_size", 4096), _num(h, "num_attention_heads", 32)
@@ -338,7 +338,7 @@ def model_config_from_hf(h: dict[str, Any]) -> ModelConfig:
         d_ff=_num(h, "intermediate_size", 11008),
         context_length=_num(h, "max_position_embeddings", 2048),
         attn_dropout=_num(h, "attention_dropout", 0.0, False), bias=bias,
-        tie_embeddings=bool(h.get("tie_word_embeddings", False)),
+        tie_embeddings=_flag(h, "tie_word_embeddings", False),
         norm_eps=_num(h, "rms_norm_eps", 1e-6, False),
         rope_theta=theta or _num(h, "rope_theta", 10000.0, False),
     )
@@ -349,6 +349,17 @@ def _model_config(**kw: Any) -> ModelConfig:
         if k in kw:
             kw[k] = float(kw[k])
     return ModelConfig(**kw)
+
+
+def _flag(h: dict[str, Any], key: str, default: bool) -> bool:
+    """h[key] as a JSON boolean (default when absent or null): bool("false") is True, and a
+    wrong tie_word_embeddings would drop the untied head's weights."""
+    v = h.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise UserError(f"config.json has {key}={v!r}; it must be true or false")
+    return v
 
 
 def _num(h: dict[str, Any], key: str, default: Any, integer: bool = True) -> Any:
@@ -444,16 +455,23 @@ def _read_hf_weights(src: Path) -> dict[str, torch.Tensor]:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
                 raise UserError(f"{index} is not a valid weight index: {e}") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise UserError(f"{index} is not a valid weight index: 'weight_map' must map tensor "
+                                "names to file names")
             files = [src / f for f in sorted(set(weight_map.values()))]
         if not files:
             continue
         state: dict[str, torch.Tensor] = {}
         for f in files:
             try:
-                state.update(load(f))
+                part = load(f)
             except (SafetensorError, OSError, RuntimeError, EOFError) as e:
                 first = (str(e).splitlines() or [type(e).__name__])[0]
                 raise UserError(f"cannot read weights {f}: {first}") from None
+            if not isinstance(part, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                     for k, v in part.items()):
+                raise UserError(f"{f} does not hold a state dict (tensor names to tensors)")
+            state.update(part)
         return state
     raise UserError(f"{src} has no model.safetensors or pytorch_model.bin weights "
                     "(other formats such as TensorFlow or Flax are not supported)")
@@ -505,6 +523,14 @@ def _check_dir_target(out: Path, replaceable: tuple[str, ...], verb: str) -> Non
     of only `replaceable` files whose config.json is not a scratchlm run's."""
     if out.is_file() or (out.exists() and not out.is_dir()):
         raise UserError(f"--out {out} exists and is a file; {verb} writes a directory")
+    cwd = Path.cwd().resolve()
+    if out.resolve() in (cwd, *cwd.parents):  # it is replaced whole, which its users forbid
+        raise UserError(f"--out {out} is the current directory or one above it; name a new directory")
+    for parent in out.parents:  # the nearest existing one must be a directory we can write in
+        if parent.exists():
+            if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+                raise UserError(f"--out {out}: {parent} is not a directory this user can write in")
+            break
     if not out.is_dir():
         return
     names = sorted(p.name for p in out.iterdir())
@@ -542,8 +568,11 @@ def _is_run_config(path: Path) -> bool:
 @contextmanager
 def _staged_dir(out: Path) -> Iterator[Path]:
     """Yield a temp directory next to `out`; on success it replaces `out`, else it is removed."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as e:  # e.g. a read-only or special file system
+        raise UserError(f"cannot write --out {out}: {e.strerror or e}") from None
     old: Path | None = None
     try:
         yield tmp

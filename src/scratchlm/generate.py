@@ -141,6 +141,11 @@ def check_fits(prompt_len: int, max_new_tokens: int, context_length: int) -> Non
         )
 
 
+def check_seed(seed: int) -> None:
+    if not -(2**63) <= seed < 2**64:  # what torch.Generator.manual_seed takes
+        raise UserError(f"seed must be in [-2**63, 2**64), got {seed}")
+
+
 @torch.inference_mode()
 def generate(
     model: Transformer,
@@ -256,6 +261,7 @@ def generate_text(
     ids = [tokenizer.encode(p) for p in prompts]
     generator = None
     if seed is not None:
+        check_seed(seed)
         generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     stop = [s for s in (stop or []) if s]
     new: list[list[int]] = [[] for _ in prompts]

@@ -29,7 +29,8 @@ def export_gguf(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
 
     Args:
         run_dir: a scratchlm run directory.
-        out: the .gguf file to write (replaced if it is a GGUF file; any other file is refused).
+        out: the .gguf file to write (replaced if an earlier export wrote it; any other file,
+            another GGUF model included, is refused).
     Returns:
         `out` as a Path.
     Example:
@@ -42,8 +43,9 @@ def export_gguf(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
     if out.is_dir():
         raise UserError(
             f"--out {out} is a directory; give a file path such as {out / 'model.gguf'}")
-    if out.exists() and not _is_gguf(out):
-        raise UserError(f"--out {out} exists and is not a GGUF file; choose a new path or remove it")
+    if out.exists() and not _is_our_gguf(gguf, out):
+        raise UserError(f"--out {out} exists and is not a GGUF file that scratchlm export wrote; "
+                        "choose a new path or remove it")
     arch = gguf.MODEL_ARCH.LLAMA if mc.arch == "llama" else gguf.MODEL_ARCH.GPT2
     tensors = gguf_tensors(to_hf_state(model_state(model), mc), mc)
 
@@ -51,6 +53,7 @@ def export_gguf(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
         w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
         w.add_name(Path(run_dir).resolve().name)
         w.add_file_type(gguf.LlamaFileType.ALL_F32)
+        w.add_string(EXPORT_KEY, "scratchlm")  # what lets a later export replace this file
         w.add_vocab_size(mc.vocab_size)
         w.add_context_length(mc.context_length)
         w.add_embedding_length(mc.d_model)
@@ -76,11 +79,18 @@ def export_gguf(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
     return out
 
 
-def _is_gguf(path: Path) -> bool:
+EXPORT_KEY = "scratchlm.exported_by"
+"""A metadata key of our own (llama.cpp reads only the keys it knows): marks a file this
+exporter wrote, so that re-exporting replaces it while someone else's model is never overwritten."""
+
+
+def _is_our_gguf(gguf, path: Path) -> bool:
     try:
         with open(path, "rb") as f:
-            return f.read(4) == b"GGUF"
-    except OSError:
+            if f.read(4) != b"GGUF":
+                return False
+        return EXPORT_KEY in gguf.GGUFReader(str(path)).fields
+    except Exception:  # noqa: BLE001 - unreadable or damaged: not a file we can tell is ours
         return False
 
 
