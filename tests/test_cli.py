@@ -48,3 +48,12 @@ def test_generate_errors_print_nothing_to_stdout(tmp_path, capsys):
         assert out.out == "" and out.err.startswith("error: ")
     assert main(["generate", str(tmp_path / "run"), "--prompt", "hello", "--max-new-tokens", "3"]) == 0
     assert capsys.readouterr().out.startswith("hello")
+
+
+def test_bench_refuses_options_it_would_ignore(tmp_path, capsys):
+    for args in (["bench", "peak", str(tmp_path)], ["bench", "train", str(tmp_path)],
+                 ["bench", "decode", str(tmp_path), "--preset", "tiny"],
+                 ["bench", "decode", str(tmp_path), "--set", "model.n_layer=1"]):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and "RUN_DIR" in err, (args, err)

@@ -136,6 +136,13 @@ def _cmd_schedule(a: argparse.Namespace) -> int:
 def _cmd_bench(a: argparse.Namespace) -> int:
     from scratchlm import bench
 
+    if a.run_dir and a.what != "decode":
+        raise UserError(f"RUN_DIR is read only by `bench decode`; `bench {a.what}` times a fresh "
+                        "model (choose it with --preset and --set)")
+    if a.run_dir and (a.preset is not None or a.set):
+        raise UserError("--preset and --set build a throwaway run; with RUN_DIR, `bench decode` "
+                        "times that run as it is")
+    a.preset = a.preset or "small"
     result = {"peak": bench.bench_peak, "train": bench.bench_train, "decode": bench.bench_decode}[
         a.what
     ](a)
@@ -274,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("bench", help="measure matmul peak, training and decoding speed")
     s.add_argument("what", choices=["peak", "train", "decode"])
     s.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="decode: the run to measure")
-    s.add_argument("--preset", default="small", help="train: model preset")
+    s.add_argument("--preset", help="train, and decode without RUN_DIR: model preset (default small)")
     s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     s.add_argument("--precisions", default="fp32,bf16", help="train: comma list")
     s.add_argument("--steps", type=int, default=5, help="train: timed steps per precision")
