@@ -26,6 +26,8 @@ def test_precedence_preset_then_file_then_set(tmp_path):
         ("train.compile=yes", "true or false"),
         ("train.schedule=cosin", "did you mean cosine"),
         ("model.d_model=130", "divisible"),
+        ("model.norm_eps=-1", "norm_eps must be > 0"),
+        ("model.rope_theta=0", "rope_theta must be > 0"),
         ("lr=3", "section.key=value"),
     ],
 )

@@ -100,6 +100,9 @@ class ModelConfig:
         for name in ("dropout", "attn_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise UserError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("norm_eps", "rope_theta"):  # (not x > 0 is also true for NaN)
+            if not getattr(self, name) > 0:
+                raise UserError(f"model.{name} must be > 0, got {getattr(self, name)}")
 
     @property
     def head_dim(self) -> int:
