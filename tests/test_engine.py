@@ -846,3 +846,35 @@ def test_a_row_cancelled_while_prefilling_does_not_hold_back_a_ready_one(model, 
         assert ready == sorted(ready, reverse=True), rows
     want = [t for (t,) in generate(model, [short], 5, GREEDY, eot_id=None)]
     assert b.tokens == want
+
+
+def test_a_request_whose_sampling_fails_fails_alone(model, tok, monkeypatch):
+    """A bug in sampling (injected for two sampling settings) ends only the requests sampled in
+    that call, at their first token or later; those beside them finish as without it."""
+    import scratchlm.engine as engine_module
+
+    real = engine_module.sample_next_token
+    calls = {0.5: 0, 0.6: 0}
+
+    def flaky(logits, cfg, *args, **kwargs):
+        if cfg.temperature in calls:
+            calls[cfg.temperature] += 1
+            if cfg.temperature == 0.5 or calls[0.6] > 3:  # at the first token / in a decode step
+                raise RuntimeError("a sampling bug (injected)")
+        return real(logits, cfg, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "sample_next_token", flaky)
+    prompt = tok.encode("The quick brown fox")
+    greedy = GenerationParams(max_tokens=20, sampling=GREEDY, ignore_eos=True)
+    eng = Engine(model, tok, max_batch=4).start()
+    try:
+        reqs, got = collect(eng, [prompt, prompt, prompt[:6], prompt], [
+            greedy, GenerationParams(max_tokens=20, sampling=SamplingConfig(temperature=0.5)),
+            greedy, GenerationParams(max_tokens=20, sampling=SamplingConfig(temperature=0.6))])
+        assert eng.alive
+    finally:
+        eng.stop()
+    assert [got[i][-1].finish_reason for i in range(4)] == ["length", "error", "length", "error"]
+    assert "sampling bug" in got[1][-1].error and len(reqs[3].tokens) == 3
+    assert reqs[0].tokens == [t for (t,) in generate(model, [prompt], 20, GREEDY, eot_id=None)]
+    assert reqs[2].tokens == [t for (t,) in generate(model, [prompt[:6]], 20, GREEDY, eot_id=None)]

@@ -583,7 +583,7 @@ class Engine:
         """logits (B, V) -> each request's next token, with its log-probabilities if asked for."""
         toks = self._sample(logits, reqs)
         entries: list[Logprob | None] = [None] * len(reqs)
-        want = [i for i, req in enumerate(reqs) if req.params.logprobs is not None]
+        want = [i for i, req in enumerate(reqs) if req.params.logprobs is not None and toks[i] is not None]
         if want:
             k = max(reqs[i].params.logprobs for i in want)
             lp = logits[want].float().log_softmax(-1)
@@ -591,13 +591,16 @@ class Engine:
                 entries[i] = (chosen, top[: reqs[i].params.logprobs])
         now = time.perf_counter()
         for req, tok, entry in zip(reqs, toks, entries):
+            if tok is None:  # its sampling failed: it has finished with an error
+                continue
             if first:
                 req.t_first_token = now
             self._accept(req, tok, entry)
 
-    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[int]:
+    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[int | None]:
         """logits (B, V) -> one id per request. Rows that share a sampling config and need no
-        generator or history of their own are sampled in one call."""
+        generator or history of their own are sampled in one call. Where sampling raises (a
+        bug), only the requests sampled in that call fail (None), not the whole batch."""
         out: list[int | None] = [None] * len(reqs)
         groups: dict[tuple, list[int]] = {}
         for i, req in enumerate(reqs):
@@ -612,13 +615,26 @@ class Engine:
                 history = torch.tensor([req.prompt + req.tokens], device=logits.device)  # (1, L)
             if (cfg.presence_penalty or cfg.frequency_penalty) and req.tokens:
                 generated = torch.tensor([req.tokens], device=logits.device)  # (1, G)
-            out[i] = int(sample_next_token(logits[i : i + 1], cfg, req.generator, history, generated)[0])
+            try:
+                out[i] = int(sample_next_token(logits[i : i + 1], cfg, req.generator, history, generated)[0])
+            except Exception as e:  # noqa: BLE001
+                self._sampling_failed([req], e)
         for rows in groups.values():
             cfg = reqs[rows[0]].params.sampling
             sub = logits if len(rows) == len(reqs) else logits[rows]
-            for i, tok in zip(rows, sample_next_token(sub, cfg).tolist()):
+            try:
+                toks = sample_next_token(sub, cfg).tolist()
+            except Exception as e:  # noqa: BLE001
+                self._sampling_failed([reqs[i] for i in rows], e)
+                continue
+            for i, tok in zip(rows, toks):
                 out[i] = tok
-        return out  # type: ignore[return-value]
+        return out
+
+    def _sampling_failed(self, reqs: list[Request], e: Exception) -> None:
+        log.exception("sampling failed")
+        for req in reqs:
+            self._finish(req, "error", error=f"internal error while sampling: {type(e).__name__}: {e}")
 
     def _accept(self, req: Request, tok: int, logprob: Logprob | None = None) -> None:
         """Add a sampled token to a request: text, stop strings, limits, events."""
