@@ -359,6 +359,27 @@ def test_an_overlong_prompt_is_refused_without_tokenizing_it(server):
     assert httpx.post(server + "/tokenize", json={"prompt": "x" * (10 * CONTEXT)}).json()["count"] == 10 * CONTEXT
 
 
+def test_a_tokenizer_that_normalizes_is_never_refused_by_length_alone(run_dir):
+    """An imported tokenizer may normalize first (here: strip), so a long text can still fit."""
+    from tokenizers import normalizers
+
+    from scratchlm.tokenizer import Tokenizer, train_bpe
+
+    hf = train_bpe([TEXT] * 20, 300).hf
+    hf.normalizer = normalizers.Strip()
+    tok = Tokenizer.from_str(hf.to_str())
+    d = run_dir.parent / "normalizing-run"
+    tok.save(run_dir.parent / "normalizing-tokenizer.json")
+    cfg = RunConfig(model=ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=16,
+                                      context_length=CONTEXT))
+    write_run(d, Transformer(cfg.model), cfg, run_dir.parent / "normalizing-tokenizer.json")
+    padded = "hello" + " " * (CONTEXT * int(tok.token_bytes().max()) + 1)  # stripped to "hello"
+    with running_server(create_app(d, engine="thread")) as url:
+        r = httpx.post(url + "/v1/completions", json={"prompt": padded, "max_tokens": 2}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == len(tok.encode(padded)) < CONTEXT
+
+
 def test_a_body_too_large_is_413(server):
     from scratchlm.serve import MAX_BODY_BYTES
 
@@ -378,16 +399,20 @@ def test_a_client_gone_before_its_body_arrived_is_not_a_500(server):
     import socket
     from urllib.parse import urlparse
 
+    def counts() -> dict[str, float]:  # status -> requests to /v1/completions so far
+        pattern = r'^scratchlm_requests_total\{endpoint="/v1/completions",status="(\d+)"\} (\S+)$'
+        return {k: float(v) for k, v in re.findall(pattern, httpx.get(server + "/metrics").text, re.M)}
+
+    before = counts()
     u = urlparse(server)
     with socket.create_connection((u.hostname, u.port)) as sock:
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 100\r\n\r\n" + b'{"prompt": ')
     deadline = time.monotonic() + 10
-    pattern = r'^scratchlm_requests_total\{endpoint="/v1/completions",status="(\d+)"\} '
-    while time.monotonic() < deadline and "400" not in re.findall(pattern, httpx.get(server + "/metrics").text, re.M):
-        time.sleep(0.05)
-    assert "500" not in re.findall(pattern, httpx.get(server + "/metrics").text, re.M)
-    assert "400" in re.findall(pattern, httpx.get(server + "/metrics").text, re.M)
+    while time.monotonic() < deadline and sum(counts().values()) == sum(before.values()):
+        time.sleep(0.05)  # until the request is counted
+    after = counts()
+    assert after.get("400", 0) == before.get("400", 0) + 1 and after.get("500", 0) == before.get("500", 0)
 
 
 def test_openai_client_raises_on_400(client):

@@ -196,3 +196,35 @@ def test_load_missing_corrupt_or_foreign(tmp_path, bpe: Tokenizer) -> None:
     nopad.write_text(json.dumps(spec))
     with pytest.raises(UserError, match="special tokens"):
         Tokenizer.load(nopad)
+
+
+def test_added_tokens_have_their_texts_bytes(bpe: Tokenizer) -> None:
+    """An imported tokenizer's added tokens are plain text, not byte-level symbols."""
+    from tokenizers import AddedToken
+
+    hf = Tokenizer.from_str(bpe.to_str()).hf
+    hf.add_tokens([AddedToken("    "), AddedToken("héllo wörld")])
+    tok = Tokenizer.from_str(hf.to_str())
+    four, word = tok.vocab_size - 2, tok.vocab_size - 1
+    assert tok.bytes_of(four) == b"    " and tok.bytes_of(word) == "héllo wörld".encode()
+    assert tok.token_bytes()[word] == len("héllo wörld".encode())
+
+
+def test_encoding_a_long_text_lets_other_threads_run(bpe: Tokenizer) -> None:
+    """What keeps a server's event loop answering while one long prompt is tokenized in a worker
+    thread: HF's single-text encode holds the interpreter lock throughout; ours does not."""
+    import threading
+    import time
+
+    rng = random.Random(0)
+    text = " ".join(rng.choice(["hello", "world", "quick", "brownish", "zzz"]) for _ in range(200_000))
+    worker = threading.Thread(target=bpe.encode, args=(text,))
+    t0 = time.perf_counter()
+    worker.start()
+    turns = 0
+    while worker.is_alive():
+        time.sleep(0.001)
+        turns += 1
+    elapsed = time.perf_counter() - t0
+    # One turn per ~1 ms of sleep when the lock is free; with it held, a turn or two in all.
+    assert turns >= min(20, elapsed / 0.01), (turns, elapsed)

@@ -44,8 +44,9 @@ def export_gguf(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
         raise UserError(
             f"--out {out} is a directory; give a file path such as {out / 'model.gguf'}")
     if out.exists() and not _is_our_gguf(gguf, out):
-        raise UserError(f"--out {out} exists and is not a GGUF file that scratchlm export wrote; "
-                        "choose a new path or remove it")
+        raise UserError(f"--out {out} exists and is not a GGUF file that scratchlm export marked as "
+                        "its own (files from before 2026-12-02 carry no mark); choose a new path "
+                        "or remove it")
     arch = gguf.MODEL_ARCH.LLAMA if mc.arch == "llama" else gguf.MODEL_ARCH.GPT2
     tensors = gguf_tensors(to_hf_state(model_state(model), mc), mc)
 

@@ -111,8 +111,10 @@ class _Server:
         self.api_key, self.created = api_key, created
         self.context_length = engine.context_length
         # Every token covers at most this many bytes (hence characters) of text, so a longer
-        # text than context_length * max_token_bytes cannot fit and need not be tokenized.
-        self.max_token_bytes = max(1, int(tokenizer.token_bytes().max()))
+        # text than context_length * max_token_bytes cannot fit and need not be tokenized. Not
+        # for a tokenizer that normalizes text first (an imported one may: NFC merges characters).
+        self.max_token_bytes = (max(1, int(tokenizer.token_bytes().max()))
+                                if tokenizer.hf.normalizer is None else None)
         self.metrics = Metrics(engine)
         self.stream_interval = 0.0
 
@@ -167,7 +169,7 @@ class _Server:
         """Token ids of a text, tokenized in a worker thread so that a long text does not hold
         up the event loop (HF tokenizers let go of the interpreter lock). A `prompt` that
         cannot fit the context is refused untokenized."""
-        if prompt and len(text) > self.context_length * self.max_token_bytes:
+        if prompt and self.max_token_bytes and len(text) > self.context_length * self.max_token_bytes:
             raise bad_request(f"'{param}' is at least {-(-len(text) // self.max_token_bytes)} tokens, "
                               f"but this model's context is {self.context_length} tokens",
                               param, "context_length_exceeded")

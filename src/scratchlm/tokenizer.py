@@ -50,6 +50,9 @@ class Tokenizer:
         self._hf = hf
         self.kind = _kind_of(json.loads(hf.to_str()))
         self._from_symbol: dict[str, int] | None = None  # byte-level symbol -> byte, when needed
+        # Added tokens (ours are the two special ones; imported tokenizers may add more) are
+        # plain text, not byte-level symbols.
+        self._added = set(hf.get_added_tokens_decoder())
         ids = [hf.token_to_id(t) for t in SPECIAL_TOKENS]
         if any(i is None for i in ids):
             raise UserError(
@@ -115,7 +118,9 @@ class Tokenizer:
         except UnicodeEncodeError as e:
             raise UserError(f"the text holds a lone surrogate (U+{ord(text[e.start]):04X}) at "
                             f"character {e.start}, which is not Unicode text") from None
-        return self._hf.encode(text, add_special_tokens=False).ids
+        # Through the batch call: HF's single-text encode holds the interpreter lock throughout
+        # (a server's event loop stalls for the whole of a long text), the batch call lets go.
+        return self._encode_batch_hf([text])[0].ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """`encode` for many texts at once (parallel in HF tokenizers)."""
@@ -156,7 +161,7 @@ class Tokenizer:
         token = self._hf.id_to_token(i)
         if token is None:  # a model row beyond the tokenizer's ids (vocab_size rounded up)
             return b""
-        if self.kind == "bpe" and i not in (self.eot_id, self.pad_id):
+        if self.kind == "bpe" and i not in self._added:
             if self._from_symbol is None:
                 self._from_symbol = {c: b for b, c in byte_level_table().items()}
             return bytes(self._from_symbol[c] for c in token)
