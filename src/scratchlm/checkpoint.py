@@ -105,10 +105,14 @@ def load_weights(model: Transformer, path: str | Path) -> None:
     try:
         model.load_state_dict(state, strict=True)
     except (RuntimeError, TypeError) as e:
-        # torch puts what is wrong on the lines after a header: keep the first three, on one line.
-        lines = [line.strip() for line in str(e).strip().splitlines()]
-        what = "; ".join(lines[1:4] or lines[:1]) + ("; ..." if len(lines) > 4 else "")
-        raise UserError(f"weights in {path} do not match config.json: {what}") from None
+        raise UserError(f"weights in {path} do not match config.json: {mismatch(e)}") from None
+
+
+def mismatch(e: Exception) -> str:
+    """A `load_state_dict` error on one line: torch puts what is wrong (the tensor, its shapes)
+    on the lines after a header; the first three are kept."""
+    lines = [line.strip() for line in str(e).strip().splitlines()]
+    return "; ".join(lines[1:4] or lines[:1]) + ("; ..." if len(lines) > 4 else "")
 
 
 def load_run(
@@ -297,16 +301,15 @@ def torch_load_safe(path: str | Path, hint: str) -> Any:
 
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except UnpicklingError as e:
-        if "global" in str(e).lower():  # a class or function ("Unsupported global", "unsupported
-            # GLOBAL ... is blocked"): loading it could run code
-            raise UserError(f"cannot read {path}: it holds Python objects besides tensors and "
-                            f"numbers, which scratchlm will not load (that could run code); {hint}") from None
-        raise UserError(f"cannot read {path}: it is damaged or not a PyTorch file; {hint}") from None
     except (OSError, RuntimeError, EOFError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot read {path}: {first}; {hint}") from None
-    except Exception:  # noqa: BLE001 - a text file read as a pickle fails in arbitrary ways (KeyError...)
+    except Exception as e:  # noqa: BLE001 - a text file read as a pickle fails in arbitrary ways (KeyError...)
+        # A class or function ("Unsupported global", "unsupported GLOBAL ... is blocked"):
+        # loading it could run code.
+        if isinstance(e, UnpicklingError) and "global" in str(e).lower():
+            raise UserError(f"cannot read {path}: it holds Python objects besides tensors and "
+                            f"numbers, which scratchlm will not load (that could run code); {hint}") from None
         raise UserError(f"cannot read {path}: it is damaged or not a PyTorch file; {hint}") from None
 
 

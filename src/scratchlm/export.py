@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from scratchlm.checkpoint import load_run, model_state, torch_load_safe, write_run
+from scratchlm.checkpoint import load_run, mismatch, model_state, torch_load_safe, write_run
 from scratchlm.config import ModelConfig, RunConfig
 from scratchlm.errors import UserError
 from scratchlm.files import read_json, usual_permissions
@@ -266,8 +266,7 @@ def import_hf(path: str | os.PathLike, out: str | os.PathLike) -> Path:
             state["lm_head.weight"] = state["tok_emb.weight"]
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise UserError(f"weights in {src} do not match its config.json: {first}") from None
+        raise UserError(f"weights in {src} do not match its config.json: {mismatch(e)}") from None
     source = {"imported_from": {"path": str(src.resolve()),
                                 "architecture": HF_ARCHITECTURES[mc.arch]}}
     with _staged_dir(out) as tmp:

@@ -86,12 +86,9 @@ exporter wrote, so that re-exporting replaces it while someone else's model is n
 
 
 def _is_our_gguf(gguf, path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            if f.read(4) != b"GGUF":
-                return False
+    try:  # (the reader checks the magic bytes first)
         return EXPORT_KEY in gguf.GGUFReader(str(path)).fields
-    except Exception:  # noqa: BLE001 - unreadable or damaged: not a file we can tell is ours
+    except Exception:  # noqa: BLE001 - unreadable, damaged or not GGUF: not a file we can tell is ours
         return False
 
 
